@@ -1,0 +1,176 @@
+"""Named model shapes (what to build), kept apart from how a run uses them (configs/*.yaml).
+
+Each preset is one plain dict of constructor arguments for diffusers' `UNet2DConditionModel` and `AutoencoderKL`
+and transformers' `CLIPTextConfig`. The text encoder's `vocab_size` and the token ids come from the tokenizer the
+model is built with, so any CLIP-format tokenizer fits any preset.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # Unit tests: two UNet blocks, a 2x VAE, a two-layer text encoder; 16 px images, 8x8x4 latents.
+    "tiny": {
+        "unet": {
+            "sample_size": 8,
+            "block_out_channels": (32, 64),
+            "layers_per_block": 1,
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+            "attention_head_dim": 8,
+            "norm_num_groups": 8,
+        },
+        "vae": {
+            "sample_size": 16,
+            "block_out_channels": (16, 32),
+            "down_block_types": ("DownEncoderBlock2D",) * 2,
+            "up_block_types": ("UpDecoderBlock2D",) * 2,
+            "layers_per_block": 1,
+            "latent_channels": 4,
+            "norm_num_groups": 8,
+        },
+        "text_encoder": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 77,
+            "projection_dim": 32,
+        },
+    },
+    # CPU demos: 32 px images, a 4x VAE, 8x8x4 latents, a UNet of about 6M parameters.
+    "small": {
+        "unet": {
+            "sample_size": 8,
+            "block_out_channels": (64, 128, 128),
+            "layers_per_block": 1,
+            "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            "attention_head_dim": 32,
+            "norm_num_groups": 32,
+        },
+        "vae": {
+            "sample_size": 32,
+            "block_out_channels": (32, 64, 64),
+            "down_block_types": ("DownEncoderBlock2D",) * 3,
+            "up_block_types": ("UpDecoderBlock2D",) * 3,
+            "layers_per_block": 1,
+            "latent_channels": 4,
+            "norm_num_groups": 32,
+        },
+        "text_encoder": {
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 77,
+            "projection_dim": 128,
+        },
+    },
+    # Stable Diffusion 1.5: 512 px images, 8x VAE, 64x64x4 latents, CLIP ViT-L/14 text (768-d cross-attention).
+    "sd15": {
+        "unet": {
+            "sample_size": 64,
+            "block_out_channels": (320, 640, 1280, 1280),
+            "layers_per_block": 2,
+            "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            "attention_head_dim": 8,
+            "norm_num_groups": 32,
+        },
+        "vae": {
+            "sample_size": 512,
+            "block_out_channels": (128, 256, 512, 512),
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "layers_per_block": 2,
+            "latent_channels": 4,
+            "norm_num_groups": 32,
+            "scaling_factor": 0.18215,
+        },
+        "text_encoder": {
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "max_position_embeddings": 77,
+            "projection_dim": 768,
+            "hidden_act": "quick_gelu",
+        },
+    },
+}
+
+
+def get_preset(name: str) -> dict[str, dict[str, Any]]:
+    """The preset called `name`; a ValueError lists the known names."""
+    if name not in PRESETS:
+        raise ValueError(f"Unknown model preset {name!r}; choose one of {sorted(PRESETS)}.")
+    return PRESETS[name]
+
+
+def unet_config(name: str, cross_attention_dim: int, sample_size: int | None = None) -> dict[str, Any]:
+    """UNet constructor arguments for a preset, with cross-attention sized to the text encoder."""
+    config = dict(get_preset(name)["unet"], cross_attention_dim=cross_attention_dim)
+    if sample_size is not None:
+        config["sample_size"] = sample_size
+    return config
+
+
+def text_encoder_config(name: str, tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    """A CLIPTextConfig for a preset, sized to the tokenizer's vocabulary and special tokens."""
+    return CLIPTextConfig(
+        **get_preset(name)["text_encoder"],
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_unet(name: str, cross_attention_dim: int, sample_size: int | None = None) -> UNet2DConditionModel:
+    """A randomly initialised UNet2DConditionModel of the named preset."""
+    return UNet2DConditionModel(**unet_config(name, cross_attention_dim, sample_size))
+
+
+def build_pipeline(name: str, tokenizer: CLIPTokenizer | str | Path, seed: int = 0):
+    """Build a randomly initialised `LatentPipeline` of the named preset.
+
+    Args:
+        name: A key of `PRESETS` ("tiny", "small", "sd15").
+        tokenizer: A CLIPTokenizer, or a folder holding one (see `ldm.tokenizer.write_clip_tokenizer`).
+        seed: Seed for the random weights, so two builds with one seed are identical.
+
+    Returns:
+        A `LatentPipeline` with a DDIM scheduler in Stable Diffusion's training configuration.
+    """
+    from ldm.pipeline import LatentPipeline
+
+    preset = get_preset(name)
+    if not isinstance(tokenizer, CLIPTokenizer):
+        tokenizer = CLIPTokenizer.from_pretrained(tokenizer)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(text_encoder_config(name, tokenizer)).eval()
+    vae = AutoencoderKL(**preset["vae"]).eval()
+    unet = build_unet(name, cross_attention_dim=text_encoder.config.hidden_size).eval()
+    return LatentPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sd_scheduler()
+    )
+
+
+def sd_scheduler() -> DDIMScheduler:
+    """DDIM over Stable Diffusion's training schedule: 1000 steps, scaled-linear betas 0.00085 to 0.012."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )

@@ -1,0 +1,84 @@
+"""The forward process, noise schedules and DDIM update checked against their closed forms."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+
+def test_worked_example_one_forward_step():
+    # x_t = sqrt(1 - beta_t) * x_{t-1} + sqrt(beta_t) * eps
+    x_prev, beta, eps = 0.8, 0.1, -0.3
+    x_t = math.sqrt(1 - beta) * x_prev + math.sqrt(beta) * eps
+    assert x_t == pytest.approx(0.664, abs=5e-4)
+    # The same step through the scheduler: a one-step chain has alpha_bar_1 = 1 - beta_1.
+    sched = DDPMScheduler(num_train_timesteps=1, trained_betas=[beta])
+    out = sched.add_noise(torch.tensor([x_prev]), torch.tensor([eps]), torch.tensor([0]))
+    assert out.item() == pytest.approx(x_t, abs=1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_add_noise_is_closed_form(schedule):
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule=schedule)
+    alpha_bar = torch.cumprod(1 - sched.betas.double(), dim=0)
+    x0, eps = torch.randn(6, 4, 8, 8, dtype=torch.float64), torch.randn(6, 4, 8, 8, dtype=torch.float64)
+    t = torch.tensor([0, 1, 250, 500, 998, 999])
+    expected = alpha_bar[t].sqrt().view(-1, 1, 1, 1) * x0 + (1 - alpha_bar[t]).sqrt().view(-1, 1, 1, 1) * eps
+    got = sched.add_noise(x0.float(), eps.float(), t).double()
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_schedules_match_their_formulas():
+    T, b0, b1 = 1000, 0.00085, 0.012
+    linear = DDPMScheduler(num_train_timesteps=T, beta_start=b0, beta_end=b1, beta_schedule="linear").betas
+    assert torch.allclose(linear.double(), torch.linspace(b0, b1, T, dtype=torch.float64), atol=1e-7)
+    scaled = DDPMScheduler(
+        num_train_timesteps=T, beta_start=b0, beta_end=b1, beta_schedule="scaled_linear"
+    ).betas
+    expected = torch.linspace(math.sqrt(b0), math.sqrt(b1), T, dtype=torch.float64) ** 2
+    assert torch.allclose(scaled.double(), expected, atol=1e-7)
+    # Cosine (Nichol & Dhariwal 2021, eq. 17): alpha_bar(t) = f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) * pi/2).
+    cosine = DDPMScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2").betas.double()
+    f = [math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2 for t in range(T + 1)]
+    expected = torch.tensor([min(1 - f[t + 1] / f[t], 0.999) for t in range(T)], dtype=torch.float64)
+    assert torch.allclose(cosine, expected, atol=1e-6)
+    # Every schedule destroys the signal by t = T: alpha_bar_T is small.
+    for betas in (linear, scaled, cosine):
+        assert torch.cumprod(1 - betas.double(), 0)[-1] < 0.01
+
+
+def test_iterated_chain_matches_closed_form_in_mean_and_variance():
+    torch.manual_seed(0)
+    sched = DDPMScheduler(num_train_timesteps=200, beta_schedule="linear", beta_start=1e-4, beta_end=0.04)
+    betas = sched.betas.double()
+    x0, n, t = 1.5, 200_000, 120
+    x = torch.full((n,), x0, dtype=torch.float64)
+    for s in range(t + 1):  # q(x_s | x_{s-1}) = N(sqrt(1 - beta_s) x_{s-1}, beta_s I)
+        x = (1 - betas[s]).sqrt() * x + betas[s].sqrt() * torch.randn(n, dtype=torch.float64)
+    alpha_bar = torch.cumprod(1 - betas, 0)[t]
+    assert x.mean().item() == pytest.approx(alpha_bar.sqrt().item() * x0, abs=0.01)
+    assert x.var().item() == pytest.approx(1 - alpha_bar.item(), abs=0.01)
+    closed = sched.add_noise(torch.full((n,), x0), torch.randn(n), torch.full((n,), t)).double()
+    assert closed.mean().item() == pytest.approx(x.mean().item(), abs=0.01)
+    assert closed.var().item() == pytest.approx(x.var().item(), abs=0.01)
+
+
+def test_ddim_step_is_the_deterministic_update():
+    sched = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        set_alpha_to_one=False,
+        clip_sample=False,
+    )
+    sched.set_timesteps(10)
+    t, t_prev = sched.timesteps[3], sched.timesteps[4]
+    x_t, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    a_t, a_prev = sched.alphas_cumprod[t], sched.alphas_cumprod[t_prev]
+    # DDIM eq. 12 with sigma = 0: x_{t-1} = sqrt(a_prev) * x0_hat + sqrt(1 - a_prev) * eps
+    x0_hat = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    expected = a_prev.sqrt() * x0_hat + (1 - a_prev).sqrt() * eps
+    assert torch.allclose(sched.step(eps, t, x_t, eta=0.0).prev_sample, expected, atol=1e-5)
