@@ -59,6 +59,30 @@ def rescale_guidance(eps_hat: torch.Tensor, eps_cond: torch.Tensor, rescale: flo
     return rescale * rescaled + (1 - rescale) * eps_hat
 
 
+def encode_text(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, texts: list[str]) -> torch.Tensor:
+    """CLIP last hidden states (B, model_max_length, D), as Stable Diffusion conditions on them.
+
+    Training (caption and empty-prompt embeddings) and sampling (prompt and unconditional embeddings) both call
+    this, so the unconditional input the model learns under caption dropout is exactly the one guidance uses.
+    """
+    tokens = tokenizer(
+        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+    untruncated = tokenizer(texts, padding="longest", return_tensors="pt").input_ids
+    if untruncated.shape[-1] > tokens.input_ids.shape[-1]:
+        logger.warning(
+            "Prompts longer than the tokenizer's model_max_length=%d tokens were truncated: %s",
+            tokenizer.model_max_length,
+            texts,
+        )
+    attention_mask = None
+    # SD's CLIP attends over padding; only encoders configured for masks (not CLIP) get one.
+    if getattr(text_encoder.config, "use_attention_mask", False):
+        attention_mask = tokens.attention_mask.to(text_encoder.device)
+    hidden = text_encoder(tokens.input_ids.to(text_encoder.device), attention_mask=attention_mask)[0]
+    return hidden.to(dtype=text_encoder.dtype)
+
+
 class LatentPipeline(DiffusionPipeline):
     """Text-to-image latent diffusion: CLIP text -> UNet denoising in VAE latent space -> VAE decode.
 
@@ -323,28 +347,7 @@ class LatentPipeline(DiffusionPipeline):
 
     def embed_text(self, texts: list[str]) -> torch.Tensor:
         """CLIP last hidden states for `texts`, padded to the tokenizer's length: (B, 77, D)."""
-        tokens = self.tokenizer(
-            texts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        untruncated = self.tokenizer(texts, padding="longest", return_tensors="pt").input_ids
-        if untruncated.shape[-1] > tokens.input_ids.shape[-1]:
-            logger.warning(
-                "Prompts longer than the tokenizer's model_max_length=%d tokens were truncated: %s",
-                self.tokenizer.model_max_length,
-                texts,
-            )
-        attention_mask = None
-        # SD's CLIP attends over padding; only encoders configured for masks (not CLIP) get one.
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            attention_mask = tokens.attention_mask.to(self.text_encoder.device)
-        hidden = self.text_encoder(
-            tokens.input_ids.to(self.text_encoder.device), attention_mask=attention_mask
-        )[0]
-        return hidden.to(dtype=self.text_encoder.dtype)
+        return encode_text(self.tokenizer, self.text_encoder, texts)
 
     def encode_prompt(
         self,

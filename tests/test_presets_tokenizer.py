@@ -58,7 +58,14 @@ def test_tokenizer_keeps_every_word_whole(tokenizer_dir):
         assert tok.tokenize(word) == [word + "</w>"]
     ids = tok("A Red circle on the LEFT", padding="max_length", max_length=77).input_ids
     assert len(ids) == 77 and ids[0] == tok.bos_token_id
-    assert tok.convert_ids_to_tokens(ids[1:7]) == ["a</w>", "red</w>", "circle</w>", "on</w>", "the</w>", "left</w>"]
+    assert tok.convert_ids_to_tokens(ids[1:7]) == [
+        "a</w>",
+        "red</w>",
+        "circle</w>",
+        "on</w>",
+        "the</w>",
+        "left</w>",
+    ]
     assert ids[7] == tok.eos_token_id
 
 

@@ -1,0 +1,391 @@
+"""Training configuration: one typed dataclass, loaded from YAML with ``--key value`` overrides.
+
+A run is described by a YAML file whose keys are the fields of :class:`TrainConfig`; any field can be
+overridden on the command line::
+
+    python train/train_ldm.py --config configs/run.yaml --learning_rate 5e-5 --use_ema --validation_prompts "a cat" "a dog"
+
+Field names are the flag names of diffusers' ``examples/text_to_image/train_text_to_image.py`` wherever
+the feature is shared, so its command lines keep working. Every key must name a field and every value
+must match the field's annotation; anything else fails at start-up with a ``ValueError`` that says what
+was expected. The resolved config is written next to each checkpoint with :func:`save_config`.
+"""
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+import yaml
+
+from ldm.presets import PRESETS
+
+# The names diffusers.optimization.get_scheduler accepts (its SchedulerType enum), minus
+# "piecewise_constant": that one needs a `step_rules` string this config does not carry.
+LrScheduler = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+PredictionType = Literal["epsilon", "v_prediction"]
+ReportTo = Literal["tensorboard", "wandb", "all", "none"]
+
+_TRUE_WORDS = ("true", "1")
+_FALSE_WORDS = ("false", "0")
+_NONE_WORDS = ("none", "null")
+_HUB_TOKEN_MESSAGE = (
+    "hub_token is not a config option: a token must never be saved with the run's config. "
+    "Log in once with `hf auth login` (formerly `huggingface-cli login`) or set the HF_TOKEN "
+    "environment variable instead."
+)
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run; see the module docstring for how it is loaded."""
+
+    # --- Models ---
+    pretrained_model_name_or_path: str | None = None
+    pretrained_vae_model_name_or_path: str | None = None
+    revision: str | None = None
+    # Train the UNet from scratch from a named preset ("tiny", "small", "sd15"), reusing the VAE,
+    # text encoder and tokenizer of pretrained_model_name_or_path.
+    unet_preset: str | None = None
+
+    # --- Data ---
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
+    train_data_dir: str | None = None
+    image_column: str = "image"
+    caption_column: str = "text"
+    streaming: bool = False
+    max_train_samples: int | None = None
+    resolution: int = 512
+    center_crop: bool = False
+    random_flip: bool = False
+    caption_dropout: float = 0.1
+    dataloader_num_workers: int = 0
+    cache_latents: bool = True
+    cache_dir: str | None = None
+
+    # --- Optimisation ---
+    train_batch_size: int = 16
+    num_train_epochs: int = 100
+    max_train_steps: int | None = None
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    learning_rate: float = 1e-4
+    scale_lr: bool = False
+    lr_scheduler: LrScheduler = "constant"
+    lr_warmup_steps: int = 500
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    use_8bit_adam: bool = False
+    max_grad_norm: float = 1.0
+    mixed_precision: MixedPrecision | None = None  # None: take accelerate's setting
+    use_ema: bool = False
+    ema_decay: float = 0.9999
+    enable_xformers_memory_efficient_attention: bool = False
+    seed: int | None = None
+
+    # --- Diffusion objective ---
+    snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    prediction_type: PredictionType | None = None  # None: the noise scheduler's own
+
+    # --- Checkpoints, validation, logging ---
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None
+    validation_prompts: list[str] | None = None
+    validation_steps: int = 500
+    validation_guidance_scale: float = 7.5
+    validation_inference_steps: int = 25
+    report_to: ReportTo = "tensorboard"
+    logging_dir: str = "logs"
+    tracker_project_name: str = "ldm"
+    output_dir: str = "ldm-model"
+
+    # --- Hub ---
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_push_checkpoints: bool = False
+
+    def validate(self) -> None:
+        """Check every field's type and the rules that tie fields together.
+
+        Int values of float fields are converted to float in place; nothing else is changed.
+
+        Raises:
+            ValueError: naming the first field or rule that is violated and how to fix it.
+        """
+        hints = _field_types()
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, _check_type(field.name, getattr(self, field.name), hints[field.name]))
+
+        _require(
+            self.pretrained_model_name_or_path is not None,
+            "pretrained_model_name_or_path is required: the VAE, text encoder and tokenizer (and the UNet "
+            "unless unet_preset is set) are loaded from it.",
+        )
+        _require(
+            self.unet_preset is None or self.unet_preset in PRESETS,
+            f"unet_preset {self.unet_preset!r} is not a model preset; choose one of {sorted(PRESETS)}.",
+        )
+        _require(
+            (self.dataset_name is None) != (self.train_data_dir is None),
+            "Give exactly one of dataset_name (a Hub dataset) or train_data_dir (a local folder); got "
+            f"dataset_name={self.dataset_name!r}, train_data_dir={self.train_data_dir!r}.",
+        )
+        _require(
+            self.resolution > 0 and self.resolution % 8 == 0,
+            f"resolution must be a positive multiple of 8 (the VAE downsamples by 8); got {self.resolution}.",
+        )
+        _require(
+            0.0 <= self.caption_dropout < 1.0,
+            f"caption_dropout is a probability in [0, 1); got {self.caption_dropout}.",
+        )
+        _require(self.train_batch_size >= 1, f"train_batch_size must be >= 1; got {self.train_batch_size}.")
+        _require(
+            self.gradient_accumulation_steps >= 1,
+            f"gradient_accumulation_steps must be >= 1; got {self.gradient_accumulation_steps}.",
+        )
+        # numpy (and so accelerate.set_seed) only takes seeds in [0, 2**32).
+        _require(
+            self.seed is None or 0 <= self.seed < 2**32,
+            f"seed must be in [0, 2**32); got {self.seed}.",
+        )
+        _require(
+            not self.push_to_hub or self.hub_model_id is not None,
+            "push_to_hub needs hub_model_id (e.g. --hub_model_id your-name/your-model).",
+        )
+        _require(
+            not self.hub_push_checkpoints or self.push_to_hub,
+            "hub_push_checkpoints needs push_to_hub (add --push_to_hub and --hub_model_id).",
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading and saving
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_config(argv: list[str] | None = None) -> TrainConfig:
+    """Build a validated TrainConfig from an optional YAML file and command-line overrides.
+
+    Args:
+        argv: command-line tokens without the program name; ``None`` reads ``sys.argv[1:]``.
+            ``--config path.yaml`` is read first, then every ``--key value`` / ``--key=value``
+            overrides it. A bare ``--flag`` sets a bool field to True; list fields take several
+            values; optional fields accept ``none``/``null``.
+
+    Returns:
+        The resolved config, already checked by :meth:`TrainConfig.validate`.
+
+    Raises:
+        ValueError: for an unknown key, a value of the wrong type, a ``hub_token``, or a broken rule.
+    """
+    if argv is None:
+        import sys
+
+        argv = sys.argv[1:]
+    options = _split_argv(argv)
+    if any(key in ("h", "help") for key, _ in options):
+        print(_usage())
+        raise SystemExit(0)
+
+    config_paths = [texts for key, texts in options if key == "config"]
+    if len(config_paths) > 1 or any(len(texts) != 1 for texts in config_paths):
+        raise ValueError(f"--config takes exactly one YAML path, given once; got {config_paths}.")
+    values: dict[str, Any] = _read_yaml(config_paths[0][0]) if config_paths else {}
+
+    hints = _field_types()
+    for key, texts in options:
+        if key != "config":
+            _check_key(key, "the command line")
+            values[key] = _parse_cli_value(key, texts, hints[key])
+
+    config = TrainConfig(**values)
+    config.validate()
+    return config
+
+
+def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML that :func:`load_config` reads back to an equal config.
+
+    Args:
+        config: the config to write.
+        path: destination file; missing parent folders are created.
+    """
+    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(dataclasses.asdict(config), f, sort_keys=False, allow_unicode=True)
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML mapping and type-check each of its keys against TrainConfig."""
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"Config file {path} must hold a mapping of key: value; got {type(data).__name__}.")
+    hints = _field_types()
+    checked = {}
+    for key, value in data.items():
+        _check_key(str(key), f"config file {path}")
+        checked[key] = _check_type(key, value, hints[key], source=f"config file {path}")
+    return checked
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command-line tokens
+# ----------------------------------------------------------------------------------------------------
+
+
+def _split_argv(argv: list[str]) -> list[tuple[str, list[str]]]:
+    """Group tokens into (key, values) pairs: each ``--key`` takes the tokens up to the next ``--``."""
+    options: list[tuple[str, list[str]]] = []
+    for token in argv:
+        if token in ("-h", "--help"):
+            options.append(("help", []))
+        elif token.startswith("--"):
+            key, has_value, value = token[2:].partition("=")
+            options.append((key, [value] if has_value else []))
+        elif options:
+            options[-1][1].append(token)
+        else:
+            raise ValueError(f"Unexpected argument {token!r}: options are written --key value.")
+    return options
+
+
+def _parse_cli_value(key: str, texts: list[str], annotation: Any) -> Any:
+    """Turn the strings given after ``--key`` into a value of the field's type."""
+    base, optional = _unwrap_optional(annotation)
+    if optional and len(texts) == 1 and texts[0].lower() in _NONE_WORDS:
+        return None
+    if typing.get_origin(base) is list:
+        if not texts:
+            raise ValueError(f"--{key} needs at least one value ({_describe(annotation)}).")
+        return list(texts)
+    if not texts and base is bool:
+        return True  # a bare store_true flag, as in diffusers' scripts
+    if len(texts) != 1:
+        raise ValueError(f"--{key} takes exactly one value ({_describe(annotation)}); got {texts}.")
+    text = texts[0]
+    try:
+        if base is bool:
+            value: Any = _parse_bool(text)
+        elif base is int:
+            value = int(text)
+        elif base is float:
+            value = float(text)
+        else:
+            value = text
+    except ValueError:
+        raise ValueError(_type_error(key, text, annotation, "the command line")) from None
+    return _check_type(key, value, annotation, source="the command line")
+
+
+def _parse_bool(text: str) -> bool:
+    """Read true/false/1/0 (any case)."""
+    if text.lower() in _TRUE_WORDS:
+        return True
+    if text.lower() in _FALSE_WORDS:
+        return False
+    raise ValueError(text)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Keys and types
+# ----------------------------------------------------------------------------------------------------
+
+
+def _field_types() -> dict[str, Any]:
+    """Resolved annotations of TrainConfig's fields."""
+    return typing.get_type_hints(TrainConfig)
+
+
+def _check_key(key: str, source: str) -> None:
+    """Fail unless ``key`` names a TrainConfig field, suggesting the closest one."""
+    if key == "hub_token":
+        raise ValueError(_HUB_TOKEN_MESSAGE)
+    valid = [field.name for field in dataclasses.fields(TrainConfig)]
+    if key in valid:
+        return
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"Unknown config key {key!r} in {source}.{hint} Valid keys: {', '.join(valid)}.")
+
+
+def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
+    """Split ``X | None`` into (X, True); anything else into (annotation, False)."""
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return annotation, False
+
+
+def _check_type(key: str, value: Any, annotation: Any, source: str = "the config") -> Any:
+    """Return ``value`` if it matches ``annotation`` (ints widened to float), else raise ValueError."""
+    base, optional = _unwrap_optional(annotation)
+    if value is None and optional:
+        return None
+    origin = typing.get_origin(base)
+    # bool is a subclass of int: `resolution: true` must not pass as 1.
+    if base is bool and isinstance(value, bool):
+        return value
+    if base is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if base is float and isinstance(value, str):
+        # PyYAML follows YAML 1.1, which reads `1e-4` (no dot) as a string, not a float.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if base is str and isinstance(value, str):
+        return value
+    if origin is Literal and value in typing.get_args(base) and isinstance(value, str):
+        return value
+    if origin is list and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return value
+    raise ValueError(_type_error(key, value, annotation, source))
+
+
+def _describe(annotation: Any) -> str:
+    """A readable name for a field's type, e.g. 'int or none', "one of 'no', 'fp16', 'bf16'"."""
+    base, optional = _unwrap_optional(annotation)
+    if typing.get_origin(base) is Literal:
+        name = "one of " + ", ".join(repr(choice) for choice in typing.get_args(base))
+    elif typing.get_origin(base) is list:
+        name = "a non-empty list of str"
+    elif base is bool:
+        name = "bool (true/false/1/0)"
+    else:
+        name = base.__name__
+    return f"{name} or none" if optional else name
+
+
+def _type_error(key: str, value: Any, annotation: Any, source: str) -> str:
+    """The message for a value that does not match its field's type."""
+    return f"Config key {key!r} expects {_describe(annotation)}, but {source} gives {value!r}."
+
+
+def _require(condition: bool, message: str) -> None:
+    """Raise ValueError(message) unless condition holds."""
+    if not condition:
+        raise ValueError(message)
+
+
+def _usage() -> str:
+    """One line per option: name, type and default."""
+    hints = _field_types()
+    lines = ["Options (each may also be set in the --config YAML file):", "  --config PATH.yaml"]
+    for field in dataclasses.fields(TrainConfig):
+        lines.append(f"  --{field.name}  {_describe(hints[field.name])}  (default: {field.default!r})")
+    return "\n".join(lines)

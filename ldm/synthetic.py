@@ -1,0 +1,404 @@
+"""An offline, compositional captioned dataset of solid shapes.
+
+Every image holds one solid shape on a plain background, described by three attributes drawn from
+small fixed vocabularies: its shape (``SHAPES``), its colour (``COLORS``) and its position
+(``POSITIONS``). Captions are built from a closed word list (``CAPTION_WORDS``), so a word-level
+tokenizer covers them exactly, and :mod:`ldm.detector` reads the three attributes back from pixels,
+which turns "does the model follow the prompt" into a number.
+
+The dataset is written as a Hugging Face ``datasets`` "imagefolder"::
+
+    out_dir/
+        train/000000.png ... train/metadata.jsonl   # file_name, text, shape, color, position
+        heldout_prompts.jsonl                       # prompt, shape, color, position
+        generator_config.json                       # the settings, to reuse data that is current
+
+Command line::
+
+    python -m ldm.synthetic --out_dir data/shapes --num_images 10000 --resolution 32 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+# ----------------------------------------------------------------------------------------------
+# Vocabularies
+# ----------------------------------------------------------------------------------------------
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+
+# Cyan instead of orange: orange sits within ~70 RGB units of yellow and ~110 of red, which a blurry
+# generated image can cross; the six colours below are at least ~145 apart from each other and
+# ~230 from the background.
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 50, 220),
+    "yellow": (235, 210, 30),
+    "purple": (170, 30, 180),
+    "cyan": (30, 200, 210),
+}
+
+POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "center")
+
+BACKGROUND: tuple[int, int, int] = (255, 255, 255)
+
+# Shape centre for each position as a fraction of the image side, (x, y) with y pointing down.
+# 0.22 off-centre is as far out as the largest jittered shape (side 0.374, place jitter 0.03) can go while
+# leaving the one-pixel border of a 16 px image untouched; the detector reads the background there.
+POSITION_CENTERS: dict[str, tuple[float, float]] = {
+    "left": (0.28, 0.5),
+    "right": (0.72, 0.5),
+    "top": (0.5, 0.28),
+    "bottom": (0.5, 0.72),
+    "center": (0.5, 0.5),
+}
+
+# The words that put a position into a caption: "on the left", "at the top", "in the center".
+_POSITION_PHRASES: dict[str, str] = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "center": "in the center",
+}
+
+SHAPE_SIZE = 0.34  # side of the shape's bounding box as a fraction of the image side
+SIZE_JITTER = 0.10  # relative: the side is drawn uniformly from SHAPE_SIZE * (1 +- SIZE_JITTER)
+PLACE_JITTER = 0.03  # absolute, as a fraction of the image side, per axis
+MIN_RESOLUTION = 16
+_SUPERSAMPLE = 4  # draw at 4x and box-downsample: antialiased edges without a resampling kernel's ringing
+
+# Bumped whenever rendering or sampling changes, so that data cached under an old version is regenerated.
+GENERATOR_VERSION = 1
+
+
+def caption(shape: str, color: str, position: str) -> str:
+    """The caption for one attribute combination.
+
+    Args:
+        shape: One of ``SHAPES``.
+        color: One of the keys of ``COLORS``.
+        position: One of ``POSITIONS``.
+
+    Returns:
+        For example ``"a red circle on the left"``, ``"a green triangle at the top"`` or
+        ``"a purple square in the center"``.
+
+    Raises:
+        ValueError: If an attribute is not in its vocabulary.
+    """
+    _check_attributes(shape, color, position)
+    return f"a {color} {shape} {_POSITION_PHRASES[position]}"
+
+
+def all_combinations() -> list[tuple[str, str, str]]:
+    """Every ``(shape, color, position)`` combination, in a fixed order (shape-major, then colour, then position)."""
+    return list(itertools.product(SHAPES, COLORS, POSITIONS))
+
+
+def _caption_words() -> list[str]:
+    """Every word of every caption, in order of first appearance."""
+    words: dict[str, None] = {}
+    for combo in all_combinations():
+        words.update(dict.fromkeys(caption(*combo).split()))
+    return list(words)
+
+
+def _check_attributes(shape: str, color: str, position: str) -> None:
+    """Raise a ValueError naming the first attribute that is not in its vocabulary."""
+    if shape not in SHAPES:
+        raise ValueError(f"Unknown shape {shape!r}; expected one of {list(SHAPES)}.")
+    if color not in COLORS:
+        raise ValueError(f"Unknown color {color!r}; expected one of {list(COLORS)}.")
+    if position not in POSITIONS:
+        raise ValueError(f"Unknown position {position!r}; expected one of {list(POSITIONS)}.")
+
+
+# All words that can appear in any caption; a word-level tokenizer is built from this list.
+CAPTION_WORDS: list[str] = _caption_words()
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------------------
+
+
+def render(shape: str, color: str, position: str, resolution: int, rng: np.random.Generator) -> Image.Image:
+    """Draw one solid shape on the plain ``BACKGROUND``.
+
+    The shape's bounding box is a square of side ``SHAPE_SIZE`` (+-``SIZE_JITTER``) times the image side,
+    centred on ``POSITION_CENTERS[position]`` moved by up to ``PLACE_JITTER`` of the side on each axis.
+    Circles and squares fill that box; triangles point up with their base on its bottom edge. Shapes are
+    axis-aligned and drawn at 4x the resolution, then box-downsampled for antialiased edges.
+
+    Args:
+        shape: One of ``SHAPES``.
+        color: One of the keys of ``COLORS``.
+        position: One of ``POSITIONS``.
+        resolution: Side of the square image in pixels, at least ``MIN_RESOLUTION`` (16).
+        rng: Source of the size and place jitter; the same generator state gives the same image.
+
+    Returns:
+        An RGB image of ``resolution x resolution`` pixels.
+
+    Raises:
+        ValueError: If an attribute is unknown or ``resolution`` is not an int >= 16.
+        TypeError: If ``rng`` is not a ``numpy.random.Generator``.
+    """
+    _check_attributes(shape, color, position)
+    _check_resolution(resolution)
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(
+            f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), got {type(rng)}."
+        )
+
+    canvas = resolution * _SUPERSAMPLE
+    side = SHAPE_SIZE * rng.uniform(1.0 - SIZE_JITTER, 1.0 + SIZE_JITTER) * canvas
+    center_x, center_y = POSITION_CENTERS[position]
+    cx = (center_x + rng.uniform(-PLACE_JITTER, PLACE_JITTER)) * canvas
+    cy = (center_y + rng.uniform(-PLACE_JITTER, PLACE_JITTER)) * canvas
+    r = side / 2
+    x0, y0, x1, y1 = (round(v) for v in (cx - r, cy - r, cx + r, cy + r))
+
+    image = Image.new("RGB", (canvas, canvas), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    fill = COLORS[color]
+    # PIL's box corners are inclusive, hence the -1 on the far edges.
+    if shape == "circle":
+        draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
+    elif shape == "square":
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+    else:
+        draw.polygon([((x0 + x1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)
+    # reduce() averages each 4x4 block: exact area coverage, deterministic across platforms.
+    return image.reduce(_SUPERSAMPLE)
+
+
+def _check_resolution(resolution: int) -> None:
+    """Raise a ValueError unless ``resolution`` is an int of at least MIN_RESOLUTION."""
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < MIN_RESOLUTION:
+        raise ValueError(
+            f"resolution must be an int >= {MIN_RESOLUTION} (e.g. 32 or 64), got {resolution!r}; "
+            "smaller images cannot keep the five positions apart."
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset
+# ----------------------------------------------------------------------------------------------
+
+
+def _config(
+    num_images: int, resolution: int, seed: int, num_heldout: int, exclude_heldout_from_train: bool
+) -> dict:
+    """The settings that determine a dataset's bytes, as stored in generator_config.json."""
+    return {
+        "generator_version": GENERATOR_VERSION,
+        "num_images": num_images,
+        "resolution": resolution,
+        "seed": seed,
+        "num_heldout": num_heldout,
+        "exclude_heldout_from_train": exclude_heldout_from_train,
+    }
+
+
+def _check_dataset_args(
+    num_images: int, resolution: int, seed: int, num_heldout: int, exclude_heldout_from_train: bool
+) -> None:
+    """Raise a ValueError naming the first bad argument of generate_dataset."""
+    num_combos = len(all_combinations())
+    for name, value, low in (
+        ("num_images", num_images, 1),
+        ("seed", seed, 0),
+        ("num_heldout", num_heldout, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
+    _check_resolution(resolution)
+    if num_heldout > num_combos:
+        raise ValueError(
+            f"num_heldout={num_heldout} exceeds the {num_combos} distinct (shape, color, position) combinations."
+        )
+    if exclude_heldout_from_train and num_heldout == num_combos:
+        raise ValueError(
+            f"num_heldout={num_heldout} with exclude_heldout_from_train leaves no combination to train on; "
+            f"hold out fewer than {num_combos}."
+        )
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write one compact JSON object per line, with a fixed key order, so that equal rows give equal bytes."""
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def dataset_is_current(
+    out_dir: str | Path,
+    num_images: int,
+    resolution: int = 32,
+    seed: int = 0,
+    num_heldout: int = 30,
+    exclude_heldout_from_train: bool = False,
+) -> bool:
+    """Whether ``out_dir`` already holds a complete dataset generated with exactly these settings.
+
+    Args:
+        out_dir: A directory that :func:`generate_dataset` may have written.
+        num_images, resolution, seed, num_heldout, exclude_heldout_from_train: As for :func:`generate_dataset`.
+
+    Returns:
+        True if ``generator_config.json`` (written last, so only by a run that finished) matches these
+        settings and the current ``GENERATOR_VERSION``, and ``train/metadata.jsonl`` exists.
+    """
+    out_dir = Path(out_dir)
+    config_path = out_dir / "generator_config.json"
+    if not config_path.is_file() or not (out_dir / "train" / "metadata.jsonl").is_file():
+        return False
+    wanted = _config(num_images, resolution, seed, num_heldout, exclude_heldout_from_train)
+    return json.loads(config_path.read_text(encoding="utf-8")) == wanted
+
+
+def generate_dataset(
+    out_dir: str | Path,
+    num_images: int,
+    resolution: int = 32,
+    seed: int = 0,
+    num_heldout: int = 30,
+    exclude_heldout_from_train: bool = False,
+) -> dict:
+    """Write the captioned shapes dataset as a Hugging Face ``datasets`` imagefolder.
+
+    Held-out combinations are the first ``num_heldout`` of a seeded permutation of
+    :func:`all_combinations`. Training images cycle through the training combinations (all of them, or
+    all but the held-out ones), reshuffled by the seed on every cycle, so each combination appears
+    ``num_images / num_combinations`` times, give or take one. Image ``i`` is rendered from its own
+    generator seeded with ``(seed, i)``. The same arguments give byte-identical files.
+
+    Args:
+        out_dir: Directory to write into; created if missing. A ``train/`` folder left by an earlier run of
+            this function (recognised by its ``generator_config.json``) is replaced.
+        num_images: Number of training images, at least 1.
+        resolution: Side of the square images in pixels, at least 16 (32 and 64 are the intended sizes).
+        seed: Non-negative seed for the combination order, the held-out set and the jitter.
+        num_heldout: Number of distinct combinations written to ``heldout_prompts.jsonl`` (0 to 90).
+        exclude_heldout_from_train: If True, the held-out combinations never appear in ``train/``, which makes
+            them a test of compositional generalisation.
+
+    Returns:
+        A summary: ``out_dir``, ``train_dir``, ``metadata_path``, ``heldout_path``, ``config_path``,
+        ``num_images``, ``resolution``, ``num_train_combinations`` and ``num_heldout``.
+
+    Raises:
+        ValueError: On an argument out of range, or if ``out_dir/train`` holds files that this function did
+            not write (delete them or choose another ``out_dir``).
+    """
+    _check_dataset_args(num_images, resolution, seed, num_heldout, exclude_heldout_from_train)
+    out_dir = Path(out_dir)
+    train_dir = out_dir / "train"
+    config_path = out_dir / "generator_config.json"
+    if train_dir.exists() and any(train_dir.iterdir()):
+        if not config_path.is_file():
+            raise ValueError(
+                f"{train_dir} already holds files and there is no {config_path.name} to show this generator "
+                "wrote them; delete the folder or choose another out_dir."
+            )
+        # Ours, but possibly with more images than this run writes: stale PNGs would join the imagefolder.
+        shutil.rmtree(train_dir)
+    # Removed before writing anything, so an interrupted run is never taken for a finished one.
+    config_path.unlink(missing_ok=True)
+    train_dir.mkdir(parents=True, exist_ok=True)
+
+    combos = all_combinations()
+    # Separate streams for the held-out set, the training order and each image, so that changing
+    # num_images neither changes the held-out set nor re-renders the images the runs share.
+    heldout_order = np.random.default_rng((seed, 1)).permutation(len(combos))
+    heldout = [combos[i] for i in heldout_order[:num_heldout]]
+    heldout_set = set(heldout)
+    train_combos = [c for c in combos if not (exclude_heldout_from_train and c in heldout_set)]
+
+    order_rng = np.random.default_rng((seed, 2))
+    rows = []
+    num_cycles = -(-num_images // len(train_combos))
+    sequence = [train_combos[j] for _ in range(num_cycles) for j in order_rng.permutation(len(train_combos))]
+    for i in tqdm(range(num_images), desc="Rendering shapes", disable=num_images < 1000):
+        shape, color, position = sequence[i]
+        file_name = f"{i:06d}.png"
+        render(shape, color, position, resolution, np.random.default_rng((seed, 3, i))).save(
+            train_dir / file_name
+        )
+        rows.append(
+            {
+                "file_name": file_name,
+                "text": caption(shape, color, position),
+                "shape": shape,
+                "color": color,
+                "position": position,
+            }
+        )
+    metadata_path = train_dir / "metadata.jsonl"
+    _write_jsonl(metadata_path, rows)
+
+    heldout_path = out_dir / "heldout_prompts.jsonl"
+    _write_jsonl(
+        heldout_path,
+        [{"prompt": caption(*c), "shape": c[0], "color": c[1], "position": c[2]} for c in heldout],
+    )
+    config = _config(num_images, resolution, seed, num_heldout, exclude_heldout_from_train)
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return {
+        "out_dir": str(out_dir),
+        "train_dir": str(train_dir),
+        "metadata_path": str(metadata_path),
+        "heldout_path": str(heldout_path),
+        "config_path": str(config_path),
+        "num_images": num_images,
+        "resolution": resolution,
+        "num_train_combinations": len(train_combos),
+        "num_heldout": num_heldout,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Generate the dataset from the command line, or reuse it if ``out_dir`` already has these settings."""
+    parser = argparse.ArgumentParser(description="Generate the captioned shapes dataset (an imagefolder).")
+    parser.add_argument("--out_dir", required=True, help="directory for train/, heldout_prompts.jsonl, ...")
+    parser.add_argument("--num_images", type=int, required=True, help="number of training images")
+    parser.add_argument("--resolution", type=int, default=32, help="image side in pixels (>= 16)")
+    parser.add_argument("--seed", type=int, default=0, help="non-negative seed")
+    parser.add_argument("--num_heldout", type=int, default=30, help="number of held-out combinations")
+    parser.add_argument(
+        "--exclude_heldout_from_train",
+        action="store_true",
+        help="keep the held-out combinations out of train/ (compositional generalisation test)",
+    )
+    args = parser.parse_args(argv)
+    settings = {k: v for k, v in vars(args).items() if k != "out_dir"}
+    if dataset_is_current(args.out_dir, **settings):
+        print(f"Reusing the dataset in {args.out_dir}: it was generated with the same settings.")
+        return
+    summary = generate_dataset(args.out_dir, **settings)
+    print(
+        f"Wrote {summary['num_images']} images of {summary['resolution']} px "
+        f"({summary['num_train_combinations']} combinations) to {summary['train_dir']} "
+        f"and {summary['num_heldout']} held-out prompts to {summary['heldout_path']}."
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""TrainConfig: YAML + command-line loading, type checks, cross-field rules, save/load round trip."""
+
+import dataclasses
+import typing
+
+import pytest
+import yaml
+from diffusers.optimization import SchedulerType
+
+from ldm.config import LrScheduler, TrainConfig, load_config, save_config
+
+REQUIRED = ["--pretrained_model_name_or_path", "some/model", "--dataset_name", "some/data"]
+
+
+def valid_config(**overrides) -> TrainConfig:
+    """A config that passes validation, with some fields replaced."""
+    fields = {"pretrained_model_name_or_path": "some/model", "dataset_name": "some/data", **overrides}
+    return TrainConfig(**fields)
+
+
+def write_yaml(tmp_path, data: dict) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_yaml_then_command_line_overrides(tmp_path):
+    path = write_yaml(
+        tmp_path,
+        {
+            "pretrained_model_name_or_path": "some/model",
+            "train_data_dir": "data",
+            "learning_rate": 3e-4,
+            "train_batch_size": 4,
+            "adam_weight_decay": 0,  # an int is fine for a float field
+            "validation_prompts": ["a cat", "a dog"],
+        },
+    )
+    config = load_config(["--config", path, "--learning_rate", "1e-5", "--train_batch_size=8"])
+    assert config.learning_rate == 1e-5
+    assert config.train_batch_size == 8
+    assert config.train_data_dir == "data"
+    assert config.validation_prompts == ["a cat", "a dog"]
+    assert config.adam_weight_decay == 0.0 and isinstance(config.adam_weight_decay, float)
+    assert config.resolution == 512  # untouched default
+
+
+def test_yaml_float_without_dot(tmp_path):
+    # PyYAML reads `1e-4` as a string; float fields still accept it.
+    path = tmp_path / "run.yaml"
+    path.write_text("pretrained_model_name_or_path: m\ndataset_name: d\nlearning_rate: 1e-4\n")
+    assert load_config(["--config", str(path)]).learning_rate == 1e-4
+
+
+def test_bare_and_explicit_booleans():
+    assert load_config([*REQUIRED, "--use_ema"]).use_ema is True
+    assert load_config([*REQUIRED, "--use_ema", "false"]).use_ema is False
+    assert load_config([*REQUIRED, "--cache_latents", "0"]).cache_latents is False
+    assert load_config([*REQUIRED, "--random_flip=TRUE"]).random_flip is True
+    # A bare flag followed by another flag must not swallow it.
+    config = load_config([*REQUIRED, "--center_crop", "--random_flip"])
+    assert config.center_crop and config.random_flip
+
+
+def test_list_flag_takes_several_values():
+    config = load_config([*REQUIRED, "--validation_prompts", "a cat", "a dog", "--seed", "3"])
+    assert config.validation_prompts == ["a cat", "a dog"]
+    assert config.seed == 3
+
+
+def test_none_for_optional_fields(tmp_path):
+    path = write_yaml(tmp_path, {"pretrained_model_name_or_path": "m", "dataset_name": "d", "seed": 7})
+    config = load_config(["--config", path, "--seed", "none", "--mixed_precision", "null"])
+    assert config.seed is None and config.mixed_precision is None
+    # report_to is not optional: "none" is one of its choices, not None.
+    assert load_config([*REQUIRED, "--report_to", "none"]).report_to == "none"
+
+
+def test_literal_choices_are_checked():
+    assert load_config([*REQUIRED, "--lr_scheduler", "cosine"]).lr_scheduler == "cosine"
+    with pytest.raises(ValueError, match="lr_scheduler.*'cosine_with_restarts'.*'warmup'"):
+        load_config([*REQUIRED, "--lr_scheduler", "warmup"])
+    with pytest.raises(ValueError, match="mixed_precision"):
+        load_config([*REQUIRED, "--mixed_precision", "fp8"])
+
+
+def test_lr_scheduler_names_are_accepted_by_diffusers():
+    assert set(typing.get_args(LrScheduler)) <= {member.value for member in SchedulerType}
+
+
+@pytest.mark.parametrize(
+    ("argv", "field", "type_name"),
+    [
+        (["--resolution", "1.5"], "resolution", "int"),
+        (["--learning_rate", "fast"], "learning_rate", "float"),
+        (["--use_ema", "maybe"], "use_ema", "bool"),
+        (["--seed", "x"], "seed", "int or none"),
+    ],
+)
+def test_wrong_type_on_command_line(argv, field, type_name):
+    with pytest.raises(ValueError, match=f"'{field}' expects {type_name}"):
+        load_config([*REQUIRED, *argv])
+
+
+def test_wrong_type_in_yaml(tmp_path):
+    path = write_yaml(
+        tmp_path, {"pretrained_model_name_or_path": "m", "dataset_name": "d", "resolution": "512"}
+    )
+    with pytest.raises(ValueError, match="'resolution' expects int.*run.yaml"):
+        load_config(["--config", path])
+    path = write_yaml(tmp_path, {"pretrained_model_name_or_path": "m", "dataset_name": "d", "use_ema": 1})
+    with pytest.raises(ValueError, match="'use_ema' expects bool"):
+        load_config(["--config", path])
+
+
+def test_scalar_flag_rejects_several_values_and_bare_non_bool():
+    with pytest.raises(ValueError, match="exactly one value"):
+        load_config([*REQUIRED, "--resolution", "256", "512"])
+    with pytest.raises(ValueError, match="exactly one value"):
+        load_config([*REQUIRED, "--resolution"])
+
+
+def test_unknown_key_lists_valid_keys_and_suggests(tmp_path):
+    with pytest.raises(ValueError) as error:
+        load_config([*REQUIRED, "--lerning_rate", "1e-4"])
+    message = str(error.value)
+    assert "'lerning_rate'" in message and "Did you mean 'learning_rate'?" in message
+    assert all(field.name in message for field in dataclasses.fields(TrainConfig))
+
+    path = write_yaml(tmp_path, {"pretrained_model_name_or_path": "m", "dataset_name": "d", "use_emma": True})
+    with pytest.raises(ValueError, match="'use_emma'.*Did you mean 'use_ema'"):
+        load_config(["--config", path])
+
+
+def test_hub_token_refused(tmp_path):
+    with pytest.raises(ValueError, match="HF_TOKEN"):
+        load_config([*REQUIRED, "--hub_token", "hf_secret"])
+    path = write_yaml(tmp_path, {"hub_token": "hf_secret"})
+    with pytest.raises(ValueError, match="login"):
+        load_config(["--config", path])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"pretrained_model_name_or_path": None}, "pretrained_model_name_or_path is required"),
+        ({"train_data_dir": "data"}, "exactly one of dataset_name"),
+        ({"dataset_name": None}, "exactly one of dataset_name"),
+        ({"resolution": 0}, "positive multiple of 8"),
+        ({"resolution": 100}, "positive multiple of 8"),
+        ({"caption_dropout": 1.0}, r"caption_dropout.*\[0, 1\)"),
+        ({"caption_dropout": -0.1}, r"caption_dropout.*\[0, 1\)"),
+        ({"train_batch_size": 0}, "train_batch_size must be >= 1"),
+        ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be >= 1"),
+        ({"seed": -1}, "seed must be in"),
+        ({"push_to_hub": True}, "push_to_hub needs hub_model_id"),
+        ({"hub_push_checkpoints": True}, "hub_push_checkpoints needs push_to_hub"),
+        ({"unet_preset": "huge"}, "unet_preset 'huge'"),
+        ({"resolution": "512"}, "'resolution' expects int"),
+    ],
+)
+def test_validation_rules(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        valid_config(**overrides).validate()
+
+
+def test_valid_config_passes():
+    valid_config(
+        push_to_hub=True, hub_model_id="me/model", hub_push_checkpoints=True, unet_preset="tiny"
+    ).validate()
+
+
+def test_rules_apply_to_command_line():
+    with pytest.raises(ValueError, match="positive multiple of 8"):
+        load_config([*REQUIRED, "--resolution", "100"])
+
+
+def test_save_load_round_trip(tmp_path):
+    config = valid_config(
+        validation_prompts=["a cat", "ünïcode dog"],
+        learning_rate=1e-8,
+        mixed_precision="bf16",
+        seed=1234,
+        use_ema=True,
+        max_train_steps=10,
+    )
+    path = tmp_path / "nested" / "config.yaml"
+    save_config(config, path)
+    assert load_config(["--config", str(path)]) == config

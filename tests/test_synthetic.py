@@ -1,0 +1,323 @@
+"""Tests for the synthetic shapes dataset (ldm.synthetic) and the attribute detector (ldm.detector)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFilter
+
+from ldm.detector import detect, detector_accuracy
+from ldm.synthetic import (
+    BACKGROUND,
+    CAPTION_WORDS,
+    COLORS,
+    POSITIONS,
+    SHAPES,
+    all_combinations,
+    caption,
+    generate_dataset,
+    main,
+    render,
+)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _labeled_images(out_dir: Path) -> list[tuple[Image.Image, dict]]:
+    """(image, metadata row) pairs of a generated train split."""
+    rows = _read_jsonl(out_dir / "train" / "metadata.jsonl")
+    return [(Image.open(out_dir / "train" / row["file_name"]).convert("RGB"), row) for row in rows]
+
+
+# ----------------------------------------------------------------------------------------------
+# Vocabulary and captions
+# ----------------------------------------------------------------------------------------------
+
+
+def test_vocabularies():
+    assert SHAPES == ("circle", "square", "triangle")
+    assert POSITIONS == ("left", "right", "top", "bottom", "center")
+    assert len(COLORS) == 6 and len(set(COLORS.values())) == 6
+    for rgb in COLORS.values():
+        assert len(rgb) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in rgb)
+
+
+@pytest.mark.parametrize(
+    ("combo", "expected"),
+    [
+        (("circle", "red", "left"), "a red circle on the left"),
+        (("square", "blue", "right"), "a blue square on the right"),
+        (("triangle", "green", "top"), "a green triangle at the top"),
+        (("circle", "yellow", "bottom"), "a yellow circle at the bottom"),
+        (("square", "purple", "center"), "a purple square in the center"),
+    ],
+)
+def test_caption_format(combo, expected):
+    assert caption(*combo) == expected
+
+
+def test_caption_words_cover_every_caption():
+    assert len(CAPTION_WORDS) == len(set(CAPTION_WORDS))
+    used = {word for combo in all_combinations() for word in caption(*combo).split()}
+    assert used == set(CAPTION_WORDS)
+
+
+def test_all_combinations_is_complete_and_fixed():
+    combos = all_combinations()
+    assert len(combos) == len(SHAPES) * len(COLORS) * len(POSITIONS) == len(set(combos)) == 90
+    assert combos == all_combinations()
+    assert combos[0] == ("circle", "red", "left")
+
+
+@pytest.mark.parametrize(
+    "combo", [("hexagon", "red", "left"), ("circle", "orange", "left"), ("circle", "red", "middle")]
+)
+def test_unknown_attributes_raise(combo):
+    with pytest.raises(ValueError, match="Unknown"):
+        caption(*combo)
+    with pytest.raises(ValueError, match="Unknown"):
+        render(*combo, 32, np.random.default_rng(0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("resolution", [16, 32, 64])
+def test_render_size_background_and_determinism(resolution):
+    image = render("triangle", "cyan", "right", resolution, np.random.default_rng(5))
+    assert image.mode == "RGB" and image.size == (resolution, resolution)
+    pixels = np.asarray(image)
+    again = render("triangle", "cyan", "right", resolution, np.random.default_rng(5))
+    assert np.array_equal(pixels, np.asarray(again))
+    other = render("triangle", "cyan", "right", resolution, np.random.default_rng(6))
+    assert not np.array_equal(pixels, np.asarray(other))
+
+
+@pytest.mark.parametrize("resolution", [16, 32])
+def test_render_keeps_the_border_clear(resolution):
+    # The detector takes the background colour from the one-pixel border.
+    rng = np.random.default_rng(9)
+    for combo in all_combinations() * 3:
+        pixels = np.asarray(render(*combo, resolution, rng))
+        border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+        assert (border == BACKGROUND).all(), combo
+        assert (pixels != BACKGROUND).any(axis=-1).mean() > 0.04, combo
+
+
+@pytest.mark.parametrize("resolution", [15, 0, -32, 32.0, "32", True])
+def test_render_rejects_bad_resolution(resolution):
+    with pytest.raises(ValueError, match="resolution"):
+        render("circle", "red", "left", resolution, np.random.default_rng(0))
+
+
+def test_render_rejects_bad_rng():
+    with pytest.raises(TypeError, match="Generator"):
+        render("circle", "red", "left", 32, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset generation
+# ----------------------------------------------------------------------------------------------
+
+
+def test_generate_dataset_is_byte_identical(tmp_path):
+    a = generate_dataset(tmp_path / "a", num_images=100, resolution=32, seed=3, num_heldout=10)
+    generate_dataset(tmp_path / "b", num_images=100, resolution=32, seed=3, num_heldout=10)
+    assert a["num_images"] == 100 and Path(a["metadata_path"]).is_file()
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    assert files_a == files_b and len(files_a) == 100 + 3  # images, metadata, heldout, config
+    for rel in files_a:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+    c = generate_dataset(tmp_path / "c", num_images=100, resolution=32, seed=4, num_heldout=10)
+    assert Path(c["metadata_path"]).read_bytes() != Path(a["metadata_path"]).read_bytes()
+
+
+def test_metadata_matches_captions_and_balances_combos(tmp_path):
+    summary = generate_dataset(tmp_path, num_images=200, resolution=32, seed=1, num_heldout=5)
+    rows = _read_jsonl(Path(summary["metadata_path"]))
+    assert len(rows) == 200
+    for row in rows:
+        assert list(row) == ["file_name", "text", "shape", "color", "position"]
+        assert row["text"] == caption(row["shape"], row["color"], row["position"])
+        assert (tmp_path / "train" / row["file_name"]).is_file()
+    counts = Counter((row["shape"], row["color"], row["position"]) for row in rows)
+    assert set(counts) == set(all_combinations())
+    assert set(counts.values()) <= {2, 3}  # 200 images over 90 combos
+
+
+def test_heldout_prompts(tmp_path):
+    generate_dataset(tmp_path, num_images=90, num_heldout=30, seed=2)
+    heldout = _read_jsonl(tmp_path / "heldout_prompts.jsonl")
+    assert len(heldout) == 30
+    combos = [(h["shape"], h["color"], h["position"]) for h in heldout]
+    assert len(set(combos)) == 30
+    for h, combo in zip(heldout, combos, strict=True):
+        assert list(h) == ["prompt", "shape", "color", "position"]
+        assert h["prompt"] == caption(*combo)
+    # Without exclusion the held-out combos are also trained on.
+    train = {
+        (r["shape"], r["color"], r["position"]) for r in _read_jsonl(tmp_path / "train" / "metadata.jsonl")
+    }
+    assert set(combos) <= train
+
+
+def test_exclude_heldout_from_train(tmp_path):
+    summary = generate_dataset(
+        tmp_path, num_images=300, num_heldout=30, seed=2, exclude_heldout_from_train=True
+    )
+    heldout = {
+        (h["shape"], h["color"], h["position"]) for h in _read_jsonl(tmp_path / "heldout_prompts.jsonl")
+    }
+    train = Counter(
+        (r["shape"], r["color"], r["position"]) for r in _read_jsonl(tmp_path / "train" / "metadata.jsonl")
+    )
+    assert len(heldout) == 30 and not heldout & set(train)
+    assert set(train) == set(all_combinations()) - heldout
+    assert set(train.values()) == {5} and summary["num_train_combinations"] == 60
+    # The held-out set depends on the seed only, not on num_images or the exclusion flag.
+    generate_dataset(tmp_path / "other", num_images=10, num_heldout=30, seed=2)
+    assert (tmp_path / "other" / "heldout_prompts.jsonl").read_bytes() == (
+        tmp_path / "heldout_prompts.jsonl"
+    ).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_images": 0}, "num_images"),
+        ({"num_images": 10, "seed": -1}, "seed"),
+        ({"num_images": 10, "num_heldout": -1}, "num_heldout"),
+        ({"num_images": 10, "num_heldout": 91}, "num_heldout=91"),
+        ({"num_images": 10, "num_heldout": 90, "exclude_heldout_from_train": True}, "no combination"),
+        ({"num_images": 10, "resolution": 8}, "resolution"),
+    ],
+)
+def test_generate_dataset_rejects_bad_arguments(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        generate_dataset(tmp_path, **kwargs)
+
+
+def test_generate_dataset_replaces_its_own_output_but_not_foreign_files(tmp_path):
+    generate_dataset(tmp_path / "ours", num_images=20)
+    generate_dataset(tmp_path / "ours", num_images=5)
+    assert len(list((tmp_path / "ours" / "train").glob("*.png"))) == 5
+    (tmp_path / "foreign" / "train").mkdir(parents=True)
+    (tmp_path / "foreign" / "train" / "photo.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="delete the folder"):
+        generate_dataset(tmp_path / "foreign", num_images=5)
+
+
+def test_loads_as_imagefolder(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    generate_dataset(tmp_path / "data", num_images=12, num_heldout=3)
+    ds = datasets.load_dataset(
+        "imagefolder", data_dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache")
+    )
+    train = ds["train"]
+    assert len(train) == 12
+    assert {"image", "text", "shape", "color", "position"} <= set(train.column_names)
+    assert train[0]["image"].size == (32, 32)
+
+
+def test_cli_reuses_matching_data(tmp_path, capsys):
+    args = ["--out_dir", str(tmp_path), "--num_images", "6", "--resolution", "16", "--num_heldout", "4"]
+    main(args)
+    assert "Wrote 6 images" in capsys.readouterr().out
+    assert json.loads((tmp_path / "generator_config.json").read_text())["resolution"] == 16
+    main(args)
+    assert "Reusing" in capsys.readouterr().out
+    main([*args, "--exclude_heldout_from_train"])
+    assert "Wrote 6 images" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# Detector
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("resolution", "seed"), [(32, 1001), (64, 1002)])
+def test_detector_reads_generated_images(tmp_path, resolution, seed):
+    generate_dataset(tmp_path, num_images=300, resolution=resolution, seed=seed)
+    accuracy = detector_accuracy(_labeled_images(tmp_path))
+    print(f"detector accuracy at {resolution} px: {accuracy}")
+    assert accuracy["num_images"] == 300
+    for key in ("shape", "color", "position"):
+        assert accuracy[key] >= 0.99, (key, accuracy)
+
+
+def _degrade(image: Image.Image, rng: np.random.Generator) -> np.ndarray:
+    """Roughly what a small diffusion model gets wrong: stray specks, soft edges, noise, off-palette colour."""
+    image = image.copy()
+    draw = ImageDraw.Draw(image)
+    for _ in range(2):
+        x, y = (int(v) for v in rng.integers(0, image.width - 1, size=2))
+        draw.point((x, y), fill=tuple(int(v) for v in rng.integers(0, 256, size=3)))
+    pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(0.7)), dtype=np.float64)
+    pixels = pixels + rng.uniform(-25, 25, size=3) + rng.normal(0, 8, size=pixels.shape)
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_detector_tolerates_degraded_images(resolution):
+    rng = np.random.default_rng(2002 + resolution)
+    combos = all_combinations()
+    records = []
+    for i in range(180):
+        shape, color, position = combos[i % len(combos)]
+        image = _degrade(render(shape, color, position, resolution, rng), rng)
+        records.append((image, {"shape": shape, "color": color, "position": position}))
+    accuracy = detector_accuracy(records)
+    print(f"detector accuracy on degraded {resolution} px images: {accuracy}")
+    assert accuracy["all"] >= 0.97, accuracy
+
+
+def test_detector_input_types_agree():
+    image = render("square", "yellow", "bottom", 32, np.random.default_rng(0))
+    uint8 = np.asarray(image)
+    expected = {"shape": "square", "color": "yellow", "position": "bottom"}
+    assert detect(image) == detect(uint8) == detect(uint8.astype(np.float32) / 255) == expected
+    assert detect(image.convert("RGBA")) == expected
+
+
+@pytest.mark.parametrize("value", [255, 0, 128])
+def test_detector_blank_image_returns_none(value):
+    blank = np.full((32, 32, 3), value, dtype=np.uint8)
+    none = {"shape": None, "color": None, "position": None}
+    assert detect(blank) == none
+    assert detect(Image.fromarray(blank)) == none
+    assert detect(blank.astype(np.float64) / 255) == none
+    assert detect(np.zeros((2, 2, 3), dtype=np.uint8)) == none
+
+
+def test_detector_ignores_a_small_stray_blob():
+    image = render("circle", "green", "top", 64, np.random.default_rng(0))
+    ImageDraw.Draw(image).rectangle((50, 50, 51, 51), fill=COLORS["red"])
+    assert detect(image) == {"shape": "circle", "color": "green", "position": "top"}
+
+
+@pytest.mark.parametrize(
+    ("array", "match"),
+    [
+        (np.zeros((32, 32), dtype=np.uint8), "shape"),
+        (np.zeros((32, 32, 4), dtype=np.uint8), "shape"),
+        (np.zeros((32, 32, 3), dtype=np.int64), "dtype"),
+        (np.full((32, 32, 3), 2.0), r"\[0, 1\]"),
+    ],
+)
+def test_detector_rejects_bad_arrays(array, match):
+    with pytest.raises(ValueError, match=match):
+        detect(array)
+
+
+def test_detector_accuracy_rejects_empty_records():
+    with pytest.raises(ValueError, match="empty"):
+        detector_accuracy([])

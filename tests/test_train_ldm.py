@@ -1,0 +1,242 @@
+"""train/train_ldm.py launched for real through `accelerate launch`, on tiny models and synthetic data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from ldm import LatentPipeline, build_pipeline, write_clip_tokenizer
+from ldm.synthetic import CAPTION_WORDS, generate_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = Path(sys.executable).parent / "accelerate"
+HUB_TOKEN = "hf_test_token_that_must_never_be_written"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny base pipeline and a 16 px synthetic imagefolder with one corrupt image."""
+    root = tmp_path_factory.mktemp("world")
+    generate_dataset(root / "data", num_images=40, resolution=16, seed=0, num_heldout=4)
+    (root / "data" / "train" / "000005.png").write_bytes(b"not a png at all")
+    tokenizer = write_clip_tokenizer(CAPTION_WORDS, root / "tokenizer")
+    build_pipeline("tiny", tokenizer, seed=0).save_pretrained(root / "base")
+    return root
+
+
+def launch(
+    world: Path, out: Path, *args: str, processes: int = 1, check: bool = True, env: dict | None = None
+):
+    """Run `accelerate launch train/train_ldm.py --config configs/tiny.yaml ...`; returns the finished process."""
+    topology = ["--cpu"] if processes == 1 else ["--multi_gpu", "--num_processes", str(processes)]
+    cmd = [
+        str(ACCELERATE), "launch", *topology, "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", str(ROOT / "train" / "train_ldm.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+        "--pretrained_model_name_or_path", str(world / "base"), "--train_data_dir", str(world / "data"),
+        "--output_dir", str(out), "--cache_dir", str(world / "cache"), *args,
+    ]  # fmt: skip
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=600, cwd=out.parent)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path)
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetune_writes_loadable_pipeline_checkpoints_and_card(world, tmp_path):
+    out = tmp_path / "run"
+    result = launch(
+        world, out, "--unet_preset", "none", "--use_ema", "--ema_decay", "0.5", "--checkpoints_total_limit", "1",
+        "--validation_prompts", "a red circle on the left", "a blue square at the top", "--report_to", "tensorboard",
+    )  # fmt: skip
+    log = result.stdout + result.stderr
+
+    # Pruned to the newest checkpoint, which holds the state, the pipeline, the raw UNet, config and position.
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6"]
+    ckpt = out / "checkpoint-6"
+    for name in [
+        "optimizer.bin",
+        "pipeline/model_index.json",
+        "unet/config.json",
+        "config.yaml",
+        "trainer_state.json",
+    ]:
+        assert (ckpt / name).exists(), name
+    assert json.loads((ckpt / "trainer_state.json").read_text())["global_step"] == 6
+    assert LatentPipeline.from_pretrained(ckpt / "pipeline").unet is not None
+
+    # The final folder loads in both pipelines; the frozen parts are byte-for-byte the base model's.
+    from diffusers import StableDiffusionPipeline
+
+    ours = LatentPipeline.from_pretrained(out)
+    StableDiffusionPipeline.from_pretrained(out)
+    for part, name in [("vae", "diffusion_pytorch_model"), ("text_encoder", "model")]:
+        assert same_tensors(
+            tensors(out / part / f"{name}.safetensors"),
+            tensors(world / "base" / part / f"{name}.safetensors"),
+        ), part
+    unet_file = "unet/diffusion_pytorch_model.safetensors"
+    assert not same_tensors(tensors(out / unet_file), tensors(world / "base" / unet_file))
+    ours.set_progress_bar_config(disable=True)
+    assert ours("a red circle", num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 3)
+
+    # Config, model card with sample grid, validation images, tensorboard events.
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["use_ema"] is True and saved["max_train_steps"] == 6 and saved["seed"] == 0
+    card = (out / "README.md").read_text()
+    assert "samples.png" in card and "| learning_rate | 0.001 |" in card
+    assert (out / "samples.png").exists() and len(list((out / "validation").glob("*.png"))) == 2
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+
+    # The corrupt image was skipped and counted, not fatal.
+    assert "Skipped 1 unreadable images" in log
+
+
+def test_resume_halfway_is_bitwise_identical(world, tmp_path):
+    common = ["--unet_preset", "tiny", "--use_ema", "--caption_dropout", "0.5", "--random_flip", "true",
+              "--cache_latents", "false", "--validation_steps", "100"]  # fmt: skip
+    launch(world, tmp_path / "full", *common)
+    launch(world, tmp_path / "half", *common, "--max_train_steps", "3")
+    resumed = launch(world, tmp_path / "half", *common, "--resume_from_checkpoint", "latest")
+    assert "Resumed from" in resumed.stdout + resumed.stderr
+    unet_file = "unet/diffusion_pytorch_model.safetensors"
+    for path in [unet_file, f"checkpoint-6/{unet_file}"]:  # final (EMA) weights and the raw trained UNet
+        assert same_tensors(tensors(tmp_path / "full" / path), tensors(tmp_path / "half" / path)), path
+    # The weights did move from the checkpoint halfway, so the comparison above is not trivial.
+    assert not same_tensors(
+        tensors(tmp_path / "full" / f"checkpoint-3/{unet_file}"),
+        tensors(tmp_path / "full" / f"checkpoint-6/{unet_file}"),
+    )
+
+
+def test_two_processes_agree_and_their_checkpoint_resumes_on_one(world, tmp_path):
+    out = tmp_path / "ddp"
+    result = launch(world, out, "--validation_steps", "100", processes=2)
+    assert "UNet weights identical on all 2 processes" in result.stdout + result.stderr
+    assert (out / "checkpoint-3").is_dir() and (out / "model_index.json").exists()
+    resumed = launch(
+        world, out, "--validation_steps", "100", "--resume_from_checkpoint", str(out / "checkpoint-3"),
+        "--max_train_steps", "8",
+    )  # fmt: skip
+    assert "UNet weights identical on all 1 processes" in resumed.stdout + resumed.stderr
+    assert json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["global_step"] == 6
+
+
+def test_hub_push_sends_weights_only_and_never_the_token(world, tmp_path):
+    out = tmp_path / "hub"
+    record = tmp_path / "hub_calls.jsonl"
+    env = {
+        "PYTHONPATH": str(ROOT / "tests" / "hub_stub"),
+        "LDM_TEST_HUB_RECORD": str(record),
+        "HF_TOKEN": HUB_TOKEN,
+    }
+    result = launch(
+        world, out, "--push_to_hub", "--hub_model_id", "me/tiny-ldm", "--hub_push_checkpoints", "--validation_steps",
+        "100", env=env,
+    )  # fmt: skip
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    uploads = [c for c in calls if c["call"] == "upload_folder"]
+    assert [u["path_in_repo"] for u in uploads] == ["checkpoint-3", "checkpoint-6", None]
+    for upload in uploads[:2]:
+        assert upload["run_as_future"] and "unet/diffusion_pytorch_model.safetensors" in upload["files"]
+        assert "model_index.json" in upload["files"]
+        assert not [
+            f
+            for f in upload["files"]
+            if f.endswith((".bin", ".pkl")) or f.startswith(("optimizer", "random"))
+        ]
+    final = uploads[2]["files"]
+    assert {
+        "README.md",
+        "model_index.json",
+        "config.yaml",
+        "unet/diffusion_pytorch_model.safetensors",
+    } <= set(final)
+    assert not [f for f in final if f.startswith("checkpoint-") or f.endswith(".pkl")]
+    assert all(c["repo_id"] == "me/tiny-ldm" for c in calls)
+
+    # The token reaches huggingface_hub through the environment only: it is in no file and no log line.
+    assert HUB_TOKEN not in result.stdout + result.stderr
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert HUB_TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path):
+    out = tmp_path / "nan"
+    launch(world, out, "--max_train_steps", "3", "--validation_steps", "100")
+    before = tensors(out / "checkpoint-3" / "unet" / "diffusion_pytorch_model.safetensors")
+    result = launch(world, out, "--resume_from_checkpoint", "latest", "--noise_offset", "nan", check=False)
+    assert result.returncode != 0
+    assert "The loss became nan at step 4" in result.stderr and "checkpoint-3" in result.stderr
+    assert same_tensors(
+        tensors(out / "checkpoint-3" / "unet" / "diffusion_pytorch_model.safetensors"), before
+    )
+    assert LatentPipeline.from_pretrained(out / "checkpoint-3" / "pipeline") is not None
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--learning_rat", "1e-4"], "learning_rate"),
+        (["--train_batch_size", "four"], "train_batch_size"),
+        (["--hub_token", "abc"], "HF_TOKEN"),
+    ],
+)
+def test_bad_config_fails_at_startup(world, tmp_path, args, message):
+    cmd = [sys.executable, str(ROOT / "train" / "train_ldm.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+           "--pretrained_model_name_or_path", str(world / "base"), "--train_data_dir", str(world / "data"), *args]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr or "ValueError" in result.stderr
+
+
+def test_shipped_configs_load():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from ldm.config import load_config
+
+    kinds = {
+        p.name: load_config_from_file(str(p)).distributed_type
+        for p in (ROOT / "configs" / "accelerate").glob("*.yaml")
+    }
+    assert set(map(str, kinds.values())) >= {
+        "DistributedType.FSDP",
+        "DistributedType.DEEPSPEED",
+        "DistributedType.MULTI_GPU",
+    }
+    assert load_config_from_file(str(ROOT / "configs" / "accelerate" / "two_nodes.yaml")).num_machines == 2
+    for path in (ROOT / "configs").glob("*.yaml"):
+        given = yaml.safe_load(path.read_text())
+        missing = {"pretrained_model_name_or_path": "x", "train_data_dir": "y"}
+        if "dataset_name" in given:
+            missing.pop("train_data_dir")
+        extra = [arg for key, value in missing.items() if key not in given for arg in (f"--{key}", value)]
+        load_config(["--config", str(path), *extra])
+
+
+def test_mixed_precision_and_objective_options_run(world, tmp_path):
+    launch(
+        world, tmp_path / "opts", "--mixed_precision", "bf16", "--gradient_checkpointing", "--snr_gamma", "5",
+        "--prediction_type", "v_prediction", "--noise_offset", "0.05", "--gradient_accumulation_steps", "2",
+        "--max_train_steps", "2", "--checkpointing_steps", "2", "--validation_steps", "2",
+        "--validation_prompts", "a red circle on the left",
+    )  # fmt: skip
+    scheduler = json.loads((tmp_path / "opts" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction" and scheduler["_class_name"] == "DDIMScheduler"
