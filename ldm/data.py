@@ -63,7 +63,7 @@ def load_image_caption_dataset(config: TrainConfig) -> datasets.Dataset | datase
 
     Args:
         config: the run's config; reads the data-source fields, ``streaming``, ``max_train_samples``,
-            ``image_column``, ``caption_column`` and ``cache_dir``.
+            ``image_column`` and ``caption_column``.
 
     Returns:
         A ``datasets.Dataset``, or a ``datasets.IterableDataset`` when streaming.
@@ -84,7 +84,8 @@ def load_image_caption_dataset(config: TrainConfig) -> datasets.Dataset | datase
 
 def _load_source(config: TrainConfig) -> datasets.Dataset | datasets.IterableDataset:
     """Call ``datasets.load_dataset`` for a Hub name, a folder of tar shards, or an imagefolder."""
-    common = {"split": "train", "streaming": config.streaming, "cache_dir": config.cache_dir}
+    # config.cache_dir is the latent cache's; datasets keeps its own (HF_DATASETS_CACHE).
+    common = {"split": "train", "streaming": config.streaming}
     if config.dataset_name is not None:
         return datasets.load_dataset(config.dataset_name, config.dataset_config_name, **common)
     data_dir = Path(config.train_data_dir)
@@ -518,25 +519,56 @@ def collate_fn(batch: list[Sample | None]) -> dict[str, Any]:
 def build_train_dataset(
     config: TrainConfig, seed: int, process_index: int = 0, num_processes: int = 1
 ) -> TrainDataset | StreamingTrainDataset:
-    """Load the configured data and wrap it for training.
+    """Load the configured data and wrap it for training (no held-out part); see `build_train_and_heldout`."""
+    return build_train_and_heldout(config, seed, 0, process_index, num_processes)[0]
+
+
+def build_train_and_heldout(
+    config: TrainConfig, seed: int, num_heldout: int, process_index: int = 0, num_processes: int = 1
+) -> tuple[TrainDataset | StreamingTrainDataset, TrainDataset | None]:
+    """Load the configured data, hold out `num_heldout` samples, and wrap both parts.
+
+    The held-out samples (the last rows of a map-style dataset, the first of a stream) never reach training;
+    they get the centre crop and no flip, so a loss measured on them is comparable from step to step.
 
     Args:
         config: the run's config.
         seed: the run's data seed (>= 0).
+        num_heldout: how many samples to hold out (0 for none).
         process_index: this process's rank; only used when streaming.
         num_processes: the world size; only used when streaming.
 
     Returns:
-        A :class:`TrainDataset` (map-style: let accelerate shard its dataloader), or, when
-        ``config.streaming``, a :class:`StreamingTrainDataset` already holding this process's shard.
+        (train, heldout): a `TrainDataset` (map-style: let accelerate shard its dataloader) or, when
+        ``config.streaming``, a `StreamingTrainDataset` already holding this process's shard; and a
+        `TrainDataset` of the held-out samples, or None.
     """
     dataset = load_image_caption_dataset(config)
     transform = ImageCaptionTransform.from_config(config, seed)
     columns = (config.image_column, config.caption_column)
+    heldout = None
     if isinstance(dataset, datasets.IterableDataset):
+        if num_heldout:
+            rows = datasets.Dataset.from_list(list(dataset.take(num_heldout)))
+            heldout = rows.cast_column(config.image_column, datasets.Image(decode=False))
+            dataset = dataset.skip(num_heldout)
         shard = shard_for_process(dataset, process_index, num_processes)
-        return StreamingTrainDataset(shard, transform, *columns, process_index, num_processes)
-    return TrainDataset(dataset, transform, *columns)
+        train = StreamingTrainDataset(shard, transform, *columns, process_index, num_processes)
+    else:
+        n = len(dataset)
+        if n <= num_heldout:
+            raise ValueError(
+                f"The dataset has {n} samples, but {num_heldout} are held out for the validation loss; "
+                f"give at least {num_heldout + 1}."
+            )
+        if num_heldout:
+            heldout = dataset.select(range(n - num_heldout, n))
+            dataset = dataset.select(range(n - num_heldout))
+        train = TrainDataset(dataset, transform, *columns)
+    if heldout is not None:
+        fixed = ImageCaptionTransform(config.resolution, center_crop=True, random_flip=False, seed=seed)
+        heldout = TrainDataset(heldout, fixed, *columns)
+    return train, heldout
 
 
 def make_dataloader(

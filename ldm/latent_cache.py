@@ -181,6 +181,14 @@ def _hash_module(module: torch.nn.Module, digest) -> None:
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """The tokenizer's vocabulary, merges and normalisation, without the padding/truncation state calls leave."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec.pop("padding", None)
+    spec.pop("truncation", None)
+    return json.dumps(spec, sort_keys=True)
+
+
 def cache_key(dataset: datasets.Dataset, captions: list, vae, text_encoder, tokenizer, config) -> str:
     """Hash of everything the cached tensors depend on; any change gives a new key, so a stale cache is never read."""
     digest = hashlib.blake2b(digest_size=16)
@@ -194,7 +202,7 @@ def cache_key(dataset: datasets.Dataset, captions: list, vae, text_encoder, toke
         "data_fingerprint": getattr(dataset, "_fingerprint", None),
         "vae_dtype": str(vae.dtype),
         "text_dtype": str(text_encoder.dtype),
-        "tokenizer": tokenizer.backend_tokenizer.to_str(),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
         "model_max_length": tokenizer.model_max_length,
     }
     digest.update(json.dumps(settings, sort_keys=True).encode())

@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import datasets
@@ -31,24 +32,15 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from ldm import checkpoint as ckpt  # noqa: E402
-from ldm.config import TrainConfig, load_config, save_config  # noqa: E402
-from ldm.data import (  # noqa: E402  # noqa: E402
-    ImageCaptionTransform,
-    StreamingTrainDataset,
-    TrainDataset,
-    collate_fn,
-    load_image_caption_dataset,
-    shard_for_process,
-)
-from ldm.hub import model_card_text, push_folder  # noqa: E402
-from ldm.images import image_grid  # noqa: E402
-from ldm.latent_cache import CachedBatchEncoder, LiveBatchEncoder, build_cache  # noqa: E402
-from ldm.loss import diffusion_loss, sample_noise_and_timesteps  # noqa: E402
-from ldm.pipeline import LatentPipeline  # noqa: E402
-from ldm.presets import build_unet, sd_scheduler  # noqa: E402
+from ldm import checkpoint as ckpt
+from ldm.config import TrainConfig, load_config, save_config
+from ldm.data import StreamingTrainDataset, TrainDataset, build_train_and_heldout, collate_fn
+from ldm.hub import model_card_text, push_folder
+from ldm.images import image_grid
+from ldm.latent_cache import CachedBatchEncoder, LiveBatchEncoder, build_cache
+from ldm.loss import diffusion_loss, sample_noise_and_timesteps
+from ldm.pipeline import LatentPipeline
+from ldm.presets import build_unet, sd_scheduler
 
 logger = get_logger(__name__)
 NUM_VALIDATION_LOSS_SAMPLES = 8
@@ -154,37 +146,6 @@ def make_optimizer(config: TrainConfig, params, num_processes: int) -> torch.opt
         weight_decay=config.adam_weight_decay,
         eps=config.adam_epsilon,
     )
-
-
-def build_datasets(config: TrainConfig, accelerator: Accelerator, seed: int):
-    """Training dataset and a small fixed held-out dataset for the validation loss."""
-    hf_dataset = load_image_caption_dataset(config)
-    columns = (config.image_column, config.caption_column)
-    transform = ImageCaptionTransform.from_config(config, seed)
-    # Held out: the validation loss must be measured on samples the model never trains on.
-    heldout_transform = ImageCaptionTransform(
-        config.resolution, center_crop=True, random_flip=False, seed=seed
-    )
-    if isinstance(hf_dataset, datasets.IterableDataset):
-        heldout = datasets.Dataset.from_list(list(hf_dataset.take(NUM_VALIDATION_LOSS_SAMPLES)))
-        stream = shard_for_process(
-            hf_dataset.skip(NUM_VALIDATION_LOSS_SAMPLES), accelerator.process_index, accelerator.num_processes
-        )
-        train = StreamingTrainDataset(
-            stream, transform, *columns, accelerator.process_index, accelerator.num_processes
-        )
-    else:
-        n = len(hf_dataset)
-        if n <= NUM_VALIDATION_LOSS_SAMPLES:
-            raise ValueError(
-                f"The dataset has only {n} samples; at least {NUM_VALIDATION_LOSS_SAMPLES + 1} needed."
-            )
-        heldout = hf_dataset.select(range(n - NUM_VALIDATION_LOSS_SAMPLES, n))
-        train = TrainDataset(hf_dataset.select(range(n - NUM_VALIDATION_LOSS_SAMPLES)), transform, *columns)
-    heldout = TrainDataset(
-        heldout.cast_column(config.image_column, datasets.Image(decode=False)), heldout_transform, *columns
-    )
-    return train, heldout
 
 
 # ----------------------------------------------------------------------------- the training step
@@ -485,7 +446,9 @@ def main(argv: list[str] | None = None) -> None:
         accelerator.register_for_checkpointing(ema_unet)
 
     # Data: images and captions, or their cached latents and embeddings (encoded once, reused across runs).
-    train_dataset, heldout = build_datasets(config, accelerator, seed)
+    train_dataset, heldout = build_train_and_heldout(
+        config, seed, NUM_VALIDATION_LOSS_SAMPLES, accelerator.process_index, accelerator.num_processes
+    )
     streaming = isinstance(train_dataset, StreamingTrainDataset)
     live_encoder = LiveBatchEncoder(vae, text_encoder, tokenizer, config, seed)
     batch_encoder, collate, skipped_images = live_encoder, collate_fn, 0
@@ -557,7 +520,10 @@ def main(argv: list[str] | None = None) -> None:
         disable=not accelerator.is_local_main_process,
     )
     grid_path, total_skipped = None, 0
+    train_seconds, train_samples = 0.0, 0  # throughput of the steps alone (no validation, no saving)
     for epoch in range(first_epoch, config.num_train_epochs if not streaming else sys.maxsize):
+        if global_step >= config.max_train_steps:
+            break  # resumed from the last checkpoint of a finished run: nothing left to train
         train_dataset.set_epoch(epoch)
         if not streaming:
             train_dataloader.set_epoch(epoch)
@@ -573,6 +539,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_encoder.set_epoch(epoch)
         for batch in loader:
             batches_into_epoch += 1
+            step_start = time.perf_counter()
             skipped_images += batch["num_skipped"]
             with accelerator.accumulate(unet):
                 generator = step_generator(seed, micro_step, accelerator.process_index)
@@ -589,6 +556,8 @@ def main(argv: list[str] | None = None) -> None:
                 optimizer.zero_grad()
             micro_step += 1
             mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
+            train_seconds += time.perf_counter() - step_start
+            train_samples += len(batch["indices"]) * accelerator.num_processes
             if not math.isfinite(mean_loss):
                 last = ckpt.complete_checkpoints(output_dir)
                 raise FloatingPointError(
@@ -630,6 +599,12 @@ def main(argv: list[str] | None = None) -> None:
         if global_step >= config.max_train_steps:
             break
     progress.close()
+    if train_seconds:
+        logger.info(
+            f"Throughput: {train_samples} samples in {train_seconds:.1f} s of training steps = "
+            f"{train_samples / train_seconds:.1f} samples/s",
+            main_process_only=True,
+        )
 
     # Save the final pipeline (EMA weights when EMA is on).
     check_replicas_in_sync(accelerator, unet)

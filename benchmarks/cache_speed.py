@@ -1,0 +1,63 @@
+"""Training throughput with the latent/text cache against without it, on the demo model and data.
+
+    python benchmarks/cache_speed.py [--steps 60]        (after `make demo` has built outputs/demo/base)
+
+Both runs launch the real `train/train_ldm.py` with the demo config; the cached run's cache is built first (its
+build time is reported separately) and each run's samples/s covers the training steps alone. Prints one ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+THROUGHPUT = re.compile(r"Throughput: (\d+) samples in ([\d.]+) s of training steps = ([\d.]+) samples/s")
+
+
+def run(config: Path, out: Path, steps: int, cache_dir: Path, cached: bool) -> tuple[float, float]:
+    """Launch a short training run; returns (samples/s of the steps, wall seconds of the whole launch)."""
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"), "launch", "--cpu", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train" / "train_ldm.py"),
+        "--config", str(config), "--output_dir", str(out), "--max_train_steps", str(steps),
+        "--checkpointing_steps", "1000000", "--validation_steps", "1000000", "--validation_prompts", "none",
+        "--cache_latents", str(cached).lower(), "--cache_dir", str(cache_dir), "--report_to", "none",
+    ]  # fmt: skip
+    start = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - start
+    match = THROUGHPUT.search(result.stdout + result.stderr)
+    if result.returncode != 0 or match is None:
+        sys.exit(f"training run failed:\n{result.stderr[-3000:]}")
+    return float(match.group(3)), wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    parser.add_argument("--steps", type=int, default=60)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        _, build_wall = run(
+            Path(args.config), tmp / "build", 1, tmp / "cache", cached=True
+        )  # builds the cache
+        cached, cached_wall = run(Path(args.config), tmp / "cached", args.steps, tmp / "cache", cached=True)
+        live, live_wall = run(Path(args.config), tmp / "live", args.steps, tmp / "cache", cached=False)
+    print(f"steps per run: {args.steps} (demo config {args.config})")
+    print(f"cache build (one launch, incl. start-up): {build_wall:.1f} s")
+    print(f"uncached: {live:.1f} samples/s  (launch {live_wall:.1f} s)")
+    print(f"cached:   {cached:.1f} samples/s  (launch {cached_wall:.1f} s)")
+    print(f"cached / uncached = {cached / live:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

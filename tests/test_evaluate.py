@@ -1,0 +1,297 @@
+"""Prompt-adherence evaluation: scores from fake pipelines with known answers, and train/evaluate.py end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from ldm.evaluate import (
+    adherence_grid,
+    best_guidance,
+    evaluate_adherence,
+    format_table,
+    load_heldout_prompts,
+    results_to_json,
+)
+from ldm.presets import build_pipeline
+from ldm.synthetic import CAPTION_WORDS, all_combinations, caption, generate_dataset, render
+from ldm.tokenizer import write_clip_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+RESOLUTION = 32
+ATTRIBUTES_OF_CAPTION = {caption(*combo): combo for combo in all_combinations()}
+# Every third combination: 10 of each shape, so exactly a third of the prompts ask for a circle.
+PROMPTS = [
+    {"prompt": caption(*combo), "shape": combo[0], "color": combo[1], "position": combo[2]}
+    for combo in all_combinations()[::3]
+]
+
+
+def load_script():
+    """train/evaluate.py as a module, so its main() runs in this process."""
+    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "train" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class FakePipe:
+    """Stands in for LatentPipeline: draws `draw(shape, color, position, rng)` per prompt and records each call."""
+
+    def __init__(self, draw):
+        self.draw = draw
+        self.calls: list[dict] = []
+        self.progress_bar_config: dict | None = None
+
+    def set_progress_bar_config(self, **kwargs):
+        self.progress_bar_config = kwargs
+
+    def __call__(self, prompt, guidance_scale, num_inference_steps, generator, output_type):
+        self.calls.append(
+            {
+                "prompt": list(prompt),
+                "guidance_scale": guidance_scale,
+                "num_inference_steps": num_inference_steps,
+                "output_type": output_type,
+                "seeds": [g.initial_seed() for g in generator],
+                "states": [g.get_state() for g in generator],
+            }
+        )
+        images = [
+            self.draw(*ATTRIBUTES_OF_CAPTION[p], np.random.default_rng(g.initial_seed()))
+            for p, g in zip(prompt, generator, strict=True)
+        ]
+        return SimpleNamespace(images=images)
+
+
+def draw_truth(shape, color, position, rng):
+    return render(shape, color, position, RESOLUTION, rng)
+
+
+def draw_blank(shape, color, position, rng):
+    return PIL.Image.new("RGB", (RESOLUTION, RESOLUTION), "white")
+
+
+def draw_circle(shape, color, position, rng):
+    return render("circle", color, position, RESOLUTION, rng)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores from fakes with known answers
+# ----------------------------------------------------------------------------------------------
+
+
+def test_ground_truth_images_score_100_percent_at_every_scale():
+    results = evaluate_adherence(FakePipe(draw_truth), PROMPTS)
+    assert list(results["scales"]) == [1.0, 3.0, 7.5]
+    for entry in results["scales"].values():
+        assert entry["num_images"] == len(PROMPTS) * 3
+        assert entry["accuracy"] == {"shape": 1.0, "color": 1.0, "position": 1.0, "all": 1.0}
+        assert entry["correct"] == dict.fromkeys(("shape", "color", "position", "all"), len(PROMPTS) * 3)
+
+
+def test_blank_images_score_zero_and_detect_nothing():
+    results = evaluate_adherence(FakePipe(draw_blank), PROMPTS, seeds=(0,))
+    for entry in results["scales"].values():
+        assert entry["accuracy"] == {"shape": 0.0, "color": 0.0, "position": 0.0, "all": 0.0}
+        assert all(
+            s["detected"] == {"shape": None, "color": None, "position": None} for s in entry["samples"]
+        )
+
+
+def test_always_a_circle_scores_the_fraction_of_circle_prompts_on_shape():
+    circle_fraction = sum(p["shape"] == "circle" for p in PROMPTS) / len(PROMPTS)
+    assert circle_fraction == pytest.approx(1 / 3)
+    results = evaluate_adherence(FakePipe(draw_circle), PROMPTS, guidance_scales=(1.0, 7.5), seeds=(0, 1))
+    for entry in results["scales"].values():
+        accuracy = entry["accuracy"]
+        assert accuracy["shape"] == circle_fraction
+        assert accuracy["all"] == circle_fraction
+        assert accuracy["color"] == accuracy["position"] == 1.0
+        for sample in entry["samples"]:
+            assert sample["correct"]["shape"] == (sample["expected"]["shape"] == "circle")
+            assert sample["detected"]["shape"] == "circle"
+
+
+def test_best_guidance_table_and_json():
+    scales = (1.0, 3.0)
+    prompts = PROMPTS[::5]  # two of each shape
+    results = evaluate_adherence(FakePipe(draw_circle), prompts, guidance_scales=scales, seeds=(0,))
+    assert results["scales"][1.0]["accuracy"]["all"] == pytest.approx(1 / 3)
+    results["scales"][3.0]["accuracy"]["all"] = 0.9  # make 3 the clear winner
+    assert best_guidance(results) == 3.0
+    results["scales"][3.0]["accuracy"]["all"] = results["scales"][1.0]["accuracy"]["all"]
+    assert best_guidance(results) == 1.0  # a full tie goes to the smaller scale
+
+    table = format_table(results)
+    lines = table.splitlines()
+    assert lines[0].split() == ["guidance", "shape", "color", "position", "all"]
+    assert lines[2].split()[0] == "1" and lines[3].split()[0] == "3"
+    assert lines[2].split()[1:] == ["33.3%", "100.0%", "100.0%", "33.3%"]
+    assert "6 images per guidance scale (6 prompts x 1 seeds, 25 steps)" in table
+
+    report = json.loads(json.dumps(results_to_json(results)))
+    assert [entry["guidance_scale"] for entry in report["scales"]] == list(scales)
+    assert report["best_guidance_scale"] == 1.0
+    assert len(report["scales"][0]["samples"]) == 6
+
+
+# ----------------------------------------------------------------------------------------------
+# What the pipeline is asked for
+# ----------------------------------------------------------------------------------------------
+
+
+def test_scales_generators_and_noise_passed_to_the_pipeline():
+    pipe = FakePipe(draw_truth)
+    prompts, seeds, scales = PROMPTS[:5], (0, 1), (1.0, 3.0, 7.5)
+    results = evaluate_adherence(
+        pipe, prompts, guidance_scales=scales, seeds=seeds, num_inference_steps=7, batch_size=4
+    )
+    assert pipe.progress_bar_config == {"disable": True}
+    # 10 images per scale in batches of 4, 4 and 2.
+    assert [call["guidance_scale"] for call in pipe.calls] == [s for s in scales for _ in range(3)]
+    assert [len(call["prompt"]) for call in pipe.calls] == [4, 4, 2] * 3
+    assert all(len(call["seeds"]) == len(call["prompt"]) for call in pipe.calls)
+    assert {call["num_inference_steps"] for call in pipe.calls} == {7}
+    assert {call["output_type"] for call in pipe.calls} == {"pil"}
+
+    per_scale = [pipe.calls[3 * k : 3 * k + 3] for k in range(len(scales))]
+    prompt_order = [[p for call in calls for p in call["prompt"]] for calls in per_scale]
+    noise_seeds = [[s for call in calls for s in call["seeds"]] for calls in per_scale]
+    # Seed-major order, the same prompts and the same noise at every scale, a different noise for every image.
+    assert prompt_order[0] == [p["prompt"] for p in prompts] * len(seeds)
+    assert prompt_order[0] == prompt_order[1] == prompt_order[2]
+    assert noise_seeds[0] == noise_seeds[1] == noise_seeds[2]
+    assert len(set(noise_seeds[0])) == len(prompts) * len(seeds)
+    # Every generator arrives fresh, not advanced by an earlier draw.
+    for call in pipe.calls:
+        for seed, state in zip(call["seeds"], call["states"], strict=True):
+            assert torch.equal(state, torch.Generator().manual_seed(seed).get_state())
+    assert [(s["prompt_index"], s["seed"]) for s in results["scales"][3.0]["samples"]] == [
+        (i, seed) for seed in seeds for i in range(len(prompts))
+    ]
+
+    # The grid draws prompt i at one scale from the evaluation's noise for (prompt i, seed).
+    pipe.calls.clear()
+    grid = adherence_grid(pipe, prompts, guidance_scale=3.0, seed=1, num_inference_steps=7, cols=5)
+    assert grid.size == (5 * RESOLUTION, RESOLUTION)
+    assert [s for call in pipe.calls for s in call["seeds"]] == noise_seeds[0][len(prompts) :]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"guidance_scales": (1.0, 1.0)}, "repeats"),
+        ({"guidance_scales": ()}, "guidance_scales is empty"),
+        ({"seeds": (-1,)}, "non-negative"),
+        ({"batch_size": 0}, "batch_size"),
+        (
+            {"prompts": [{"prompt": "a red circle", "shape": "circle", "color": "pink", "position": "top"}]},
+            "pink",
+        ),
+    ],
+)
+def test_bad_arguments_fail_before_generating(kwargs, message):
+    pipe = FakePipe(draw_truth)
+    with pytest.raises(ValueError, match=message):
+        evaluate_adherence(pipe, **{"prompts": PROMPTS[:2], **kwargs})
+    assert pipe.calls == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out prompt files
+# ----------------------------------------------------------------------------------------------
+
+
+def test_load_heldout_prompts_reads_the_generated_file(tmp_path):
+    summary = generate_dataset(tmp_path, num_images=1, resolution=16, num_heldout=5)
+    rows = load_heldout_prompts(summary["heldout_path"])
+    assert len(rows) == 5
+    assert all(row["prompt"] == caption(row["shape"], row["color"], row["position"]) for row in rows)
+
+
+@pytest.mark.parametrize(
+    "second_line, message",
+    [
+        ("{not json", "line 2: not valid JSON"),
+        ('{"prompt": "a red circle", "shape": "circle", "color": "red"}', "line 2: missing key.*position"),
+        ('{"prompt": "x", "shape": "hexagon", "color": "red", "position": "top"}', "line 2: shape 'hexagon'"),
+        ('["a", "list"]', "line 2: expected a JSON object"),
+    ],
+)
+def test_load_heldout_prompts_names_the_bad_line(tmp_path, second_line, message):
+    path = tmp_path / "heldout_prompts.jsonl"
+    path.write_text(json.dumps(PROMPTS[0]) + "\n" + second_line + "\n")
+    with pytest.raises(ValueError, match=message) as info:
+        load_heldout_prompts(path)
+    assert str(path) in str(info.value)
+
+
+def test_load_heldout_prompts_rejects_an_empty_file(tmp_path):
+    path = tmp_path / "heldout_prompts.jsonl"
+    path.write_text("\n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        load_heldout_prompts(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# A real tiny pipeline
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A saved random tiny pipeline whose tokenizer knows every caption word, and 4 held-out prompts."""
+    root = tmp_path_factory.mktemp("evaluate")
+    tokenizer = write_clip_tokenizer(CAPTION_WORDS, root / "tokenizer")
+    build_pipeline("tiny", tokenizer, seed=0).save_pretrained(root / "pipe")
+    generate_dataset(root / "data", num_images=1, resolution=16, num_heldout=4)
+    return root
+
+
+def test_real_pipeline_evaluation_is_deterministic(world):
+    from ldm.pipeline import LatentPipeline
+
+    pipe = LatentPipeline.from_pretrained(world / "pipe")
+    prompts = load_heldout_prompts(world / "data" / "heldout_prompts.jsonl")[:3]
+    run = lambda: evaluate_adherence(pipe, prompts, (1.0, 3.0), seeds=(0,), num_inference_steps=2)  # noqa: E731
+    assert run() == run()
+
+
+def test_script_writes_report_table_and_grids(world, tmp_path, capsys):
+    out_dir = tmp_path / "eval"
+    report = load_script().main(
+        [
+            "--model", str(world / "pipe"), "--prompts", str(world / "data" / "heldout_prompts.jsonl"),
+            "--guidance_scales", "1", "3", "7.5", "--seeds", "0", "1", "--steps", "2",
+            "--out_dir", str(out_dir), "--device", "cpu",
+        ]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert {p.name for p in out_dir.iterdir()} == {
+        "adherence.json",
+        "adherence.txt",
+        "grid.png",
+        "grid_g1.png",
+    }
+
+    written = json.loads((out_dir / "adherence.json").read_text())
+    assert written == report
+    assert [entry["guidance_scale"] for entry in written["scales"]] == [1.0, 3.0, 7.5]
+    assert all(entry["num_images"] == 8 and len(entry["samples"]) == 8 for entry in written["scales"])
+    assert written["best_guidance_scale"] in (1.0, 3.0, 7.5)
+
+    table = (out_dir / "adherence.txt").read_text()
+    assert table.strip() in printed
+    assert "best guidance scale" in printed
+    assert len(table.splitlines()) == 2 + 3 + 1
+    # 4 prompts of 16 px in a 2 x 2 grid.
+    for name in ("grid.png", "grid_g1.png"):
+        assert PIL.Image.open(out_dir / name).size == (32, 32)
