@@ -31,7 +31,7 @@ demo: setup
 	$(BIN)/python -m ldm.synthetic --out_dir $(DEMO)/data --num_images 4000 --resolution 32 --seed 0 --num_heldout 30 \
 		--exclude_heldout_from_train
 	$(LAUNCH) train/train_vae.py --train_data_dir $(DEMO)/data --vae_preset small --resolution 32 \
-		--train_batch_size 32 --max_train_steps 700 --learning_rate 1e-3 --lr_scheduler cosine \
+		--train_batch_size 16 --max_train_steps 700 --learning_rate 1e-3 --lr_scheduler cosine \
 		--lr_warmup_steps 50 --recon_loss l2 --seed 0 \
 		--report_to none --output_dir $(DEMO)/vae
 	$(BIN)/python -m ldm.text_stack --captions $(DEMO)/data/train/metadata.jsonl --vae $(DEMO)/vae \
