@@ -9,6 +9,7 @@ build time is reported separately) and each run's samples/s covers the training 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -24,6 +25,7 @@ def run(config: Path, out: Path, steps: int, cache_dir: Path, cached: bool) -> t
     """Launch a short training run; returns (samples/s of the steps, wall seconds of the whole launch)."""
     cmd = [
         str(Path(sys.executable).parent / "accelerate"), "launch", "--cpu", "--num_machines", "1",
+        "--num_cpu_threads_per_process", str(os.cpu_count()),
         "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train" / "train_ldm.py"),
         "--config", str(config), "--output_dir", str(out), "--max_train_steps", str(steps),
         "--checkpointing_steps", "1000000", "--validation_steps", "1000000", "--validation_prompts", "none",
