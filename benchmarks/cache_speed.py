@@ -3,7 +3,7 @@
     python benchmarks/cache_speed.py [--steps 60]        (after `make demo` has built outputs/demo/base)
 
 Both runs launch the real `train/train_ldm.py` with the demo config; the cached run's cache is built first (its
-build time is reported separately) and each run's samples/s covers the training steps alone. Prints one ratio.
+build time is reported separately) and each run's samples/s covers the training steps (batch loading included, validation and saving excluded). Prints one ratio.
 """
 
 from __future__ import annotations
@@ -21,11 +21,13 @@ ROOT = Path(__file__).resolve().parents[1]
 THROUGHPUT = re.compile(r"Throughput: (\d+) samples in ([\d.]+) s of training steps = ([\d.]+) samples/s")
 
 
-def run(config: Path, out: Path, steps: int, cache_dir: Path, cached: bool) -> tuple[float, float]:
+def run(
+    config: Path, out: Path, steps: int, cache_dir: Path, cached: bool, expect: str = ""
+) -> tuple[float, float]:
     """Launch a short training run; returns (samples/s of the steps, wall seconds of the whole launch)."""
     cmd = [
         str(Path(sys.executable).parent / "accelerate"), "launch", "--cpu", "--num_machines", "1",
-        "--num_cpu_threads_per_process", str(os.cpu_count()),
+        "--num_cpu_threads_per_process", str(len(os.sched_getaffinity(0))),
         "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train" / "train_ldm.py"),
         "--config", str(config), "--output_dir", str(out), "--max_train_steps", str(steps),
         "--checkpointing_steps", "1000000", "--validation_steps", "1000000", "--validation_prompts", "none",
@@ -37,6 +39,10 @@ def run(config: Path, out: Path, steps: int, cache_dir: Path, cached: bool) -> t
     match = THROUGHPUT.search(result.stdout + result.stderr)
     if result.returncode != 0 or match is None:
         sys.exit(f"training run failed:\n{result.stderr[-3000:]}")
+    if expect and expect not in result.stdout + result.stderr:
+        sys.exit(
+            f"expected {expect!r} in the training log (is the cache disabled?):\n{result.stderr[-3000:]}"
+        )
     return float(match.group(3)), wall
 
 
@@ -52,7 +58,14 @@ def main() -> None:
         _, build_wall = run(
             Path(args.config), tmp / "build", 1, tmp / "cache", cached=True
         )  # builds the cache
-        cached, cached_wall = run(Path(args.config), tmp / "cached", args.steps, tmp / "cache", cached=True)
+        cached, cached_wall = run(
+            Path(args.config),
+            tmp / "cached",
+            args.steps,
+            tmp / "cache",
+            cached=True,
+            expect="Latent cache hit",
+        )
         live, live_wall = run(Path(args.config), tmp / "live", args.steps, tmp / "cache", cached=False)
     print(f"steps per run: {args.steps} (demo config {args.config})")
     print(f"cache build (one launch, incl. start-up): {build_wall:.1f} s")

@@ -91,12 +91,15 @@ def prune(output_dir: str | Path, total_limit: int | None) -> list[Path]:
 TRAINER_STATE = "trainer_state.json"
 
 
-def write_position(folder: Path, global_step: int, epoch: int, global_batches_into_epoch: int) -> None:
+def write_position(
+    folder: Path, global_step: int, epoch: int, global_batches_into_epoch: int, micro_step: int
+) -> None:
     """Record where in training and in the data a checkpoint was taken (batches counted over all processes)."""
     state = {
         "global_step": global_step,
         "epoch": epoch,
         "global_batches_into_epoch": global_batches_into_epoch,
+        "micro_step": micro_step,
     }
     (Path(folder) / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
 

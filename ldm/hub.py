@@ -21,6 +21,7 @@ def model_card_text(
     hyperparameters: dict[str, Any] | None = None,
     grid_image: str | None = None,
     validation_prompts: list[str] | None = None,
+    base_description: str | None = None,
 ) -> str:
     """README.md text for a trained pipeline; every argument is optional, so it never fails for lack of one.
 
@@ -31,6 +32,8 @@ def model_card_text(
         hyperparameters: Key training settings, shown as a table.
         grid_image: Relative path of a sample grid inside the folder.
         validation_prompts: The prompts shown in the grid.
+        base_description: Text shown for the base instead of `base_model` (which becomes card metadata when it
+            is a Hub id, so it must be one).
     """
     is_hub_id = base_model is not None and base_model.count("/") == 1 and not Path(base_model).exists()
     card_data = ModelCardData(
@@ -50,7 +53,7 @@ def model_card_text(
         "",
         "A latent text-to-image diffusion model trained with `ldm` (`train/train_ldm.py`).",
         "",
-        f"- **Base model:** {base_model or 'not recorded'}",
+        f"- **Base model:** {base_description or base_model or 'not recorded'}",
         f"- **Training data:** {dataset or 'not recorded'}",
         "",
     ]

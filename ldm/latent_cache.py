@@ -21,6 +21,7 @@ from typing import Any
 
 import datasets
 import torch
+from accelerate.utils import broadcast_object_list
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -268,7 +269,9 @@ def build_cache(
     folder = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     folder = folder / key
     main = accelerator.is_main_process
-    if (folder / "complete.json").exists():
+    # The main process decides hit or miss for everyone: ranks must agree, or some would wait forever below.
+    hit = broadcast_object_list([(folder / "complete.json").exists()])[0]
+    if hit:
         logger.info("Latent cache hit: %s", folder)
         return _load(folder)
 
@@ -338,6 +341,18 @@ def _load(folder: Path) -> LatentCache:
     for part in parts:
         moments[part["indices"]] = part["moments"]
         valid[part["indices"]] = part["valid"]
+    covered = torch.zeros(n, dtype=torch.bool)
+    for part in parts:
+        covered[part["indices"]] = True
+    if not covered.all():
+        raise ValueError(
+            f"The latent cache in {folder} lacks {int((~covered).sum())} of {n} samples: its shards were written "
+            "on machines that do not share this folder. Point --cache_dir at a folder every node sees, or pass "
+            "--cache_latents false."
+        )
+    excluded = int((~valid).sum())
+    if excluded:
+        logger.warning("%d unreadable images are excluded from the latent cache in %s", excluded, folder)
     meta = json.loads((folder / "captions.json").read_text())
     text = load_file(folder / "text.safetensors")["text_embeds"]
     return LatentCache(moments, valid, text, meta["captions"], meta["sample_captions"])

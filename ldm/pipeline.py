@@ -66,7 +66,11 @@ def encode_text(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, texts: li
     this, so the unconditional input the model learns under caption dropout is exactly the one guidance uses.
     """
     tokens = tokenizer(
-        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        texts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
     )
     untruncated = tokenizer(texts, padding="longest", return_tensors="pt").input_ids
     if untruncated.shape[-1] > tokens.input_ids.shape[-1]:

@@ -9,6 +9,7 @@ folder `train_ldm.py` loads with `--pretrained_model_name_or_path`, exactly as i
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import shutil
@@ -57,7 +58,9 @@ def build_text_stack(
     embedding for the UNet's cross-attention to read.
     """
     out_dir = Path(out_dir)
-    tokenizer = write_clip_tokenizer(caption_words(captions), out_dir / "tokenizer", model_max_length=max_length)
+    tokenizer = write_clip_tokenizer(
+        caption_words(captions), out_dir / "tokenizer", model_max_length=max_length
+    )
     longest = max(len(tokenizer(c).input_ids) for c in captions)
     if longest > max_length:
         raise ValueError(
@@ -75,6 +78,14 @@ def assemble_base(out_dir: str | Path, vae_dir: str | Path) -> None:
     sd_scheduler().save_pretrained(out_dir / "scheduler")
 
 
+def file_digest(*paths: Path) -> str:
+    """SHA-256 over the bytes of the given files."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Build the text stack from a dataset's captions and assemble a base folder with the given VAE."""
     parser = argparse.ArgumentParser(
@@ -87,16 +98,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="small", help="text encoder size, from ldm.presets.PRESETS")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--max_length", type=int, default=77, help="tokens per prompt (77 as in CLIP; short captions need fewer)"
+        "--max_length",
+        type=int,
+        default=77,
+        help="tokens per prompt (77 as in CLIP; short captions need fewer)",
     )
     args = parser.parse_args(argv)
     out_dir = Path(args.out_dir)
+    # The inputs' contents, not just their paths: a regenerated dataset or retrained VAE must rebuild the base.
     stamp = {k: str(v) for k, v in vars(args).items()}
+    stamp["captions_sha256"] = file_digest(Path(args.captions))
+    stamp["vae_sha256"] = file_digest(
+        *sorted(Path(args.vae).glob("*.safetensors")), Path(args.vae) / "config.json"
+    )
     stamp_path = out_dir / "text_stack.json"
     if stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
         print(f"Reusing the text stack in {out_dir}")
         return
-    if out_dir.exists():
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not stamp_path.exists():
+            raise ValueError(
+                f"--out_dir {out_dir} is not empty and was not written by ldm.text_stack; choose another."
+            )
         shutil.rmtree(out_dir)
     captions = read_captions(args.captions, args.caption_column)
     build_text_stack(captions, out_dir, args.preset, args.seed, args.max_length)

@@ -103,24 +103,39 @@ def test_finetune_writes_loadable_pipeline_checkpoints_and_card(world, tmp_path)
     assert (out / "samples.png").exists() and len(list((out / "validation").glob("*.png"))) == 2
     assert list((out / "logs").rglob("events.out.tfevents*"))
 
-    # The corrupt image was skipped and counted, not fatal.
-    assert "Skipped 1 unreadable images" in log
+    # The corrupt image was skipped and counted (when the cache was built), not fatal.
+    assert "1 unreadable images are excluded from the latent cache" in log
 
 
 def test_resume_halfway_is_bitwise_identical(world, tmp_path):
+    # 32 training images in batches of 5 are 7 micro-batches an epoch; with accumulation 2 accelerate forces a
+    # step at each epoch's end, so step 5 lies in the second epoch, past that uneven boundary.
     common = ["--unet_preset", "tiny", "--use_ema", "--caption_dropout", "0.5", "--random_flip", "true",
-              "--cache_latents", "false", "--validation_steps", "100"]  # fmt: skip
-    launch(world, tmp_path / "full", *common)
-    launch(world, tmp_path / "half", *common, "--max_train_steps", "3")
-    resumed = launch(world, tmp_path / "half", *common, "--resume_from_checkpoint", "latest")
+              "--cache_latents", "false", "--validation_steps", "100", "--train_batch_size", "5",
+              "--gradient_accumulation_steps", "2", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2"]  # fmt: skip
+    full = launch(world, tmp_path / "full", *common, "--max_train_steps", "8", "--checkpointing_steps", "4")
+    assert "Skipped" in full.stdout + full.stderr  # 80 draws of 32 images: the corrupt one is met and skipped
+    launch(world, tmp_path / "half", *common, "--max_train_steps", "8", "--checkpointing_steps", "5")
+    # A crash after checkpoint-5: drop what came after it and resume.
+    import shutil
+
+    for name in ["unet", "vae", "text_encoder", "tokenizer", "scheduler", "model_index.json"]:
+        path = tmp_path / "half" / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert [p.name for p in (tmp_path / "half").glob("checkpoint-*")] == ["checkpoint-5"]
+    resumed = launch(
+        world, tmp_path / "half", *common, "--max_train_steps", "8", "--checkpointing_steps", "4",
+        "--resume_from_checkpoint", "latest",
+    )  # fmt: skip
     assert "Resumed from" in resumed.stdout + resumed.stderr
+    assert json.loads((tmp_path / "half" / "checkpoint-5" / "trainer_state.json").read_text())["epoch"] == 1
     unet_file = "unet/diffusion_pytorch_model.safetensors"
-    for path in [unet_file, f"checkpoint-6/{unet_file}"]:  # final (EMA) weights and the raw trained UNet
+    for path in [unet_file, f"checkpoint-8/{unet_file}"]:  # final (EMA) weights and the raw trained UNet
         assert same_tensors(tensors(tmp_path / "full" / path), tensors(tmp_path / "half" / path)), path
-    # The weights did move from the checkpoint halfway, so the comparison above is not trivial.
+    # The weights did move after the halfway checkpoint, so the comparison above is not trivial.
     assert not same_tensors(
-        tensors(tmp_path / "full" / f"checkpoint-3/{unet_file}"),
-        tensors(tmp_path / "full" / f"checkpoint-6/{unet_file}"),
+        tensors(tmp_path / "half" / f"checkpoint-5/{unet_file}"),
+        tensors(tmp_path / "full" / f"checkpoint-8/{unet_file}"),
     )
 
 
@@ -233,7 +248,7 @@ def test_shipped_configs_load():
 
 def test_mixed_precision_and_objective_options_run(world, tmp_path):
     launch(
-        world, tmp_path / "opts", "--mixed_precision", "bf16", "--gradient_checkpointing", "--snr_gamma", "5",
+        world, tmp_path / "opts", "--mixed_precision", "bf16", "--use_ema", "--gradient_checkpointing", "--snr_gamma", "5",
         "--prediction_type", "v_prediction", "--noise_offset", "0.05", "--gradient_accumulation_steps", "2",
         "--max_train_steps", "2", "--checkpointing_steps", "2", "--validation_steps", "2",
         "--validation_prompts", "a red circle on the left",

@@ -165,7 +165,12 @@ def training_loss(
         latents, noise_scheduler.config.num_train_timesteps, generator, config.noise_offset
     )
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    model_pred = unet(noisy, timesteps, encoder_hidden_states=text_embeds, return_dict=False)[0]
+    # DeepSpeed holds the UNet in half precision without autocast, so inputs must match its weights; under
+    # accelerate's autocast the weights are fp32 and autocast picks the compute dtype.
+    dtype = next(unet.parameters()).dtype
+    model_pred = unet(
+        noisy.to(dtype), timesteps, encoder_hidden_states=text_embeds.to(dtype), return_dict=False
+    )[0]
     return diffusion_loss(model_pred, latents, noise, timesteps, noise_scheduler, config.snr_gamma)
 
 
@@ -179,7 +184,8 @@ def validation_loss(unet, batch_encoder, heldout: TrainDataset, noise_scheduler,
     T = noise_scheduler.config.num_train_timesteps
     timesteps = torch.linspace(0, T - 1, len(latents)).long().to(latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    pred = unet(noisy, timesteps, encoder_hidden_states=text_embeds, return_dict=False)[0]
+    dtype = next(unet.parameters()).dtype
+    pred = unet(noisy.to(dtype), timesteps, encoder_hidden_states=text_embeds.to(dtype), return_dict=False)[0]
     return diffusion_loss(pred, latents, noise, timesteps, noise_scheduler).item()
 
 
@@ -197,7 +203,7 @@ def full_unet(accelerator, unet) -> UNet2DConditionModel | None:
             return None
         module = UNet2DConditionModel.from_config(accelerator.unwrap_model(unet).config)
         module.load_state_dict(state)
-        return module
+        return module.to(accelerator.device)
     return accelerator.unwrap_model(unet)
 
 
@@ -334,6 +340,7 @@ def save_checkpoint(
     partial = partial or Path(config.output_dir) / f"checkpoint-{step}{ckpt.PARTIAL_SUFFIX}"
     if save_all or accelerator.is_main_process:
         accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()  # every rank's part of the state is on disk before the folder is renamed
     trained = full_unet(accelerator, unet)
     if accelerator.is_main_process:
         save_pipeline(make_pipe(trained), partial / "pipeline")
@@ -370,9 +377,10 @@ def save_final(accelerator, config: TrainConfig, pipe: LatentPipeline, grid_path
     hyperparameters["num_processes"] = accelerator.num_processes
     card = model_card_text(
         repo_id=config.hub_model_id or out.name,
-        base_model=config.unet_preset
-        and f"UNet preset {config.unet_preset!r} on {config.pretrained_model_name_or_path}"
-        or config.pretrained_model_name_or_path,
+        base_model=None if config.unet_preset else config.pretrained_model_name_or_path,
+        base_description=config.unet_preset
+        and f"UNet trained from scratch (preset {config.unet_preset!r}) on the VAE and text encoder of "
+        f"{config.pretrained_model_name_or_path}",
         dataset=config.dataset_name or config.train_data_dir,
         hyperparameters=hyperparameters,
         grid_image=grid_name,
@@ -405,6 +413,7 @@ def main(argv: list[str] | None = None) -> None:
         project_config=ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)
         ),
+        step_scheduler_with_optimizer=False,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed or 0),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -451,14 +460,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     streaming = isinstance(train_dataset, StreamingTrainDataset)
     live_encoder = LiveBatchEncoder(vae, text_encoder, tokenizer, config, seed)
-    batch_encoder, collate, skipped_images = live_encoder, collate_fn, 0
+    batch_encoder, collate, skipped_images = live_encoder, collate_fn, 0  # unreadable samples met, per use
     if config.cache_latents and not streaming:
         cache = build_cache(accelerator, train_dataset, vae, text_encoder, tokenizer, config)
         if cache is not None:
             train_dataset, batch_encoder = cache.index_dataset(), CachedBatchEncoder(cache, vae, config, seed)
             collate = train_dataset.collate_fn
-            # Unreadable images were found while building the cache; count them once, on the main process.
-            skipped_images = cache.num_skipped if accelerator.is_main_process else 0
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
         batch_size=config.train_batch_size,
@@ -480,8 +487,8 @@ def main(argv: list[str] | None = None) -> None:
     lr_scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer=optimizer,
-        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=config.max_train_steps * accelerator.num_processes,
+        num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=config.max_train_steps,
     )
     if streaming:
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
@@ -499,7 +506,7 @@ def main(argv: list[str] | None = None) -> None:
     uploader = CheckpointUploader(config.hub_model_id) if config.hub_push_checkpoints else None
 
     # Resume: optimizer, LR schedule, EMA, RNG states and the position in the data.
-    position = {"global_step": 0, "epoch": 0, "global_batches_into_epoch": 0}
+    position = {"global_step": 0, "epoch": 0, "global_batches_into_epoch": 0, "micro_step": 0}
     resume_path = ckpt.resolve_resume_path(config.resume_from_checkpoint, output_dir)
     if resume_path is not None:
         accelerator.load_state(str(resume_path))
@@ -510,7 +517,9 @@ def main(argv: list[str] | None = None) -> None:
     global_step, first_epoch = position["global_step"], position["epoch"]
     # Batches are dealt to processes in turn, so this process's share of the global count is what it skips.
     skip_batches = position["global_batches_into_epoch"] // accelerator.num_processes
-    micro_step = global_step * config.gradient_accumulation_steps
+    # Micro-batches done so far (each one's noise seed): not global_step * accumulation, since accelerate
+    # forces an optimizer step at the end of each epoch.
+    micro_step = position.get("micro_step", global_step * config.gradient_accumulation_steps)
 
     # The loop.
     progress = tqdm(
@@ -519,7 +528,7 @@ def main(argv: list[str] | None = None) -> None:
         desc="train",
         disable=not accelerator.is_local_main_process,
     )
-    grid_path, total_skipped = None, 0
+    grid_path, window_losses = None, []
     train_seconds, train_samples = 0.0, 0  # throughput of the steps alone (no validation, no saving)
     for epoch in range(first_epoch, config.num_train_epochs if not streaming else sys.maxsize):
         if global_step >= config.max_train_steps:
@@ -537,9 +546,11 @@ def main(argv: list[str] | None = None) -> None:
         elif streaming:
             train_dataset.set_resume_position(0, config.train_batch_size)
         batch_encoder.set_epoch(epoch)
+        fetch_start = (
+            time.perf_counter()
+        )  # step time includes loading the batch (decoding, in the uncached path)
         for batch in loader:
             batches_into_epoch += 1
-            step_start = time.perf_counter()
             skipped_images += batch["num_skipped"]
             with accelerator.accumulate(unet):
                 generator = step_generator(seed, micro_step, accelerator.process_index)
@@ -552,11 +563,12 @@ def main(argv: list[str] | None = None) -> None:
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
                 optimizer.step()
-                lr_scheduler.step()
+                if accelerator.sync_gradients:
+                    lr_scheduler.step()  # once per optimizer step, whatever the process count
                 optimizer.zero_grad()
             micro_step += 1
             mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
-            train_seconds += time.perf_counter() - step_start
+            train_seconds += time.perf_counter() - fetch_start
             train_samples += len(batch["indices"]) * accelerator.num_processes
             if not math.isfinite(mean_loss):
                 last = ckpt.complete_checkpoints(output_dir)
@@ -565,7 +577,9 @@ def main(argv: list[str] | None = None) -> None:
                     f"The last good checkpoint is {last[-1] if last else 'none (no checkpoint was saved yet)'}. "
                     "Lower learning_rate, use bf16 instead of fp16, or check the data."
                 )
+            window_losses.append(mean_loss)
             if not accelerator.sync_gradients:
+                fetch_start = time.perf_counter()
                 continue
 
             # One optimizer step done.
@@ -573,29 +587,33 @@ def main(argv: list[str] | None = None) -> None:
                 ema_unet.step(unet.parameters())
             global_step += 1
             progress.update(1)
+            # The logged loss is the mean over the accumulated micro-batches.
+            mean_loss, window_losses = sum(window_losses) / len(window_losses), []
             logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch}
-            total_skipped = int(
-                accelerator.reduce(torch.tensor(skipped_images, device=accelerator.device), "sum")
-            )
-            if total_skipped:
-                logs["skipped_images"] = total_skipped
-            progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}", skipped=total_skipped)
+            if skipped_images:  # this process's count; the total over processes is logged at the end
+                logs["skipped_images"] = skipped_images
+            progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}", skipped=skipped_images)
             if global_step % config.validation_steps == 0 or global_step == config.max_train_steps:
                 trained = full_unet(accelerator, unet)
                 if accelerator.is_main_process:
                     pipe = make_pipe(trained)
-                    logs["val_loss"] = validation_loss(
-                        pipe.unet, live_encoder, heldout, noise_scheduler, seed
-                    )
-                    grid_path = log_validation(accelerator, pipe, config, seed, global_step) or grid_path
+                    # The pipeline's UNet is a plain fp32 module while the frozen encoders may run in half
+                    # precision: autocast reconciles them as it does in training.
+                    with accelerator.autocast():
+                        logs["val_loss"] = validation_loss(
+                            pipe.unet, live_encoder, heldout, noise_scheduler, seed
+                        )
+                        grid_path = log_validation(accelerator, pipe, config, seed, global_step) or grid_path
             accelerator.log(logs, step=global_step)
             if global_step % config.checkpointing_steps == 0:
                 position = next_position(
                     global_step, epoch, batches_into_epoch, train_dataloader, accelerator
                 )
+                position["micro_step"] = micro_step
                 save_checkpoint(accelerator, config, position, unet, make_pipe, uploader)
             if global_step >= config.max_train_steps:
                 break
+            fetch_start = time.perf_counter()  # validation and checkpoints are not training throughput
         if global_step >= config.max_train_steps:
             break
     progress.close()
@@ -608,8 +626,11 @@ def main(argv: list[str] | None = None) -> None:
 
     # Save the final pipeline (EMA weights when EMA is on).
     check_replicas_in_sync(accelerator, unet)
+    total_skipped = int(accelerator.reduce(torch.tensor(skipped_images, device=accelerator.device), "sum"))
     if total_skipped:
-        logger.warning(f"Skipped {total_skipped} unreadable images in total.", main_process_only=True)
+        logger.warning(
+            f"Skipped {total_skipped} unreadable samples in total (each use counted).", main_process_only=True
+        )
     trained = full_unet(accelerator, unet)
     if accelerator.is_main_process:
         if uploader is not None:
