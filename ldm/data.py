@@ -14,6 +14,7 @@ Images are decoded here rather than by ``datasets`` (the image column is cast to
 import io
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -572,7 +573,10 @@ def build_train_and_heldout(
 
 
 def make_dataloader(
-    dataset: TrainDataset | StreamingTrainDataset, config: TrainConfig, epoch_seed: int
+    dataset: TrainDataset | StreamingTrainDataset,
+    config: TrainConfig,
+    epoch_seed: int,
+    collate: Callable[[list], dict[str, Any]] = collate_fn,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader over ``dataset`` with :func:`collate_fn`.
 
@@ -587,6 +591,7 @@ def make_dataloader(
         dataset: a :class:`TrainDataset` or :class:`StreamingTrainDataset`.
         config: reads ``train_batch_size`` and ``dataloader_num_workers``.
         epoch_seed: seed of the shuffle order.
+        collate: batches the samples (the latent cache's index dataset brings its own).
 
     Returns:
         The DataLoader.
@@ -598,5 +603,5 @@ def make_dataloader(
         shuffle=not streaming,
         generator=None if streaming else torch.Generator().manual_seed(epoch_seed),
         num_workers=config.dataloader_num_workers,
-        collate_fn=collate_fn,
+        collate_fn=collate,
     )

@@ -34,7 +34,13 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm import checkpoint as ckpt
 from ldm.config import TrainConfig, load_config, save_config
-from ldm.data import StreamingTrainDataset, TrainDataset, build_train_and_heldout, collate_fn
+from ldm.data import (
+    StreamingTrainDataset,
+    TrainDataset,
+    build_train_and_heldout,
+    collate_fn,
+    make_dataloader,
+)
 from ldm.hub import model_card_text, push_folder
 from ldm.images import image_grid
 from ldm.latent_cache import CachedBatchEncoder, LiveBatchEncoder, build_cache
@@ -466,13 +472,8 @@ def main(argv: list[str] | None = None) -> None:
         if cache is not None:
             train_dataset, batch_encoder = cache.index_dataset(), CachedBatchEncoder(cache, vae, config, seed)
             collate = train_dataset.collate_fn
-    train_dataloader = torch.utils.data.DataLoader(
-        train_dataset,
-        batch_size=config.train_batch_size,
-        shuffle=not streaming,
-        collate_fn=collate,
-        num_workers=config.dataloader_num_workers,
-    )
+    # Shuffled per epoch by accelerate's seedable sampler (seed + epoch), set up in accelerator.prepare below.
+    train_dataloader = make_dataloader(train_dataset, config, seed, collate)
 
     # Optimisation.
     optimizer = make_optimizer(config, unet.parameters(), accelerator.num_processes)
