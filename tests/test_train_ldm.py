@@ -255,3 +255,15 @@ def test_mixed_precision_and_objective_options_run(world, tmp_path):
     )  # fmt: skip
     scheduler = json.loads((tmp_path / "opts" / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "v_prediction" and scheduler["_class_name"] == "DDIMScheduler"
+
+
+def test_missing_tracker_is_a_startup_error(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_ldm_script", ROOT / "train" / "train_ldm.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit, match=r"--report_to tensorboard needs tensorboard.*ldm\[tracking\]"):
+        script.check_trackers("tensorboard")
+    script.check_trackers("none")

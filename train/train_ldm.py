@@ -11,6 +11,7 @@ function of the seed and the sample/step index, so a resumed run continues exact
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -68,6 +69,19 @@ def use_gloo_without_cuda() -> None:
     """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         os.environ["ACCELERATE_USE_CPU"] = "true"
+
+
+def check_trackers(report_to: str) -> None:
+    """Fail at start-up when a requested tracker is not installed (accelerate would silently log nothing)."""
+    wanted = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}.get(
+        report_to, []
+    )
+    missing = [name for name in wanted if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(
+            f"train_ldm.py: --report_to {report_to} needs {', '.join(missing)}, which is not installed; "
+            'pip install "ldm[tracking]", or pass --report_to none.'
+        )
 
 
 def weight_dtype_for(accelerator: Accelerator) -> torch.dtype:
@@ -411,6 +425,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         raise SystemExit(f"train_ldm.py: {err}") from None
     output_dir = Path(config.output_dir)
+    check_trackers(config.report_to)
     use_gloo_without_cuda()
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
