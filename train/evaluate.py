@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from ldm.evaluate import (  # noqa: E402
+from ldm.evaluate import (
     adherence_grid,
     best_guidance,
     evaluate_adherence,
@@ -30,8 +27,8 @@ from ldm.evaluate import (  # noqa: E402
     load_heldout_prompts,
     results_to_json,
 )
-from ldm.pipeline import LatentPipeline  # noqa: E402
-from ldm.schedulers import scheduler_from_name  # noqa: E402
+from ldm.pipeline import LatentPipeline
+from ldm.schedulers import scheduler_from_name
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -18,7 +18,6 @@ import itertools
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -32,12 +31,10 @@ from diffusers import AutoencoderKL
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from ldm.config import TrainConfig  # noqa: E402
-from ldm.data import ImageCaptionTransform, TrainDataset, collate_fn, load_image_caption_dataset  # noqa: E402
-from ldm.presets import PRESETS  # noqa: E402
-from ldm.vae_training import (  # noqa: E402
+from ldm.config import TrainConfig
+from ldm.data import ImageCaptionTransform, TrainDataset, collate_fn, load_image_caption_dataset
+from ldm.presets import PRESETS
+from ldm.vae_training import (
     AutoencoderWithPosterior,
     PatchDiscriminator,
     adaptive_disc_weight,
