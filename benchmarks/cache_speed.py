@@ -1,6 +1,6 @@
 """Training throughput with the latent/text cache against without it, on the demo model and data.
 
-    python benchmarks/cache_speed.py [--steps 60]        (after `make demo` has built outputs/demo/base)
+    python benchmarks/cache_speed.py [--steps 100]       (after `make demo` has built outputs/demo/base)
 
 Both runs launch the real `train/train_ldm.py` with the demo config; the cached run's cache is built first (its
 build time is reported separately) and each run's samples/s covers the training steps (batch loading included, validation and saving excluded). Prints one ratio.
@@ -51,7 +51,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=100)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -9,13 +9,17 @@ which turns "does the model follow the prompt" into a number.
 The dataset is written as a Hugging Face ``datasets`` "imagefolder"::
 
     out_dir/
-        train/000000.png ... train/metadata.jsonl   # file_name, text, shape, color, position
+        train/000000.png ... train/metadata.jsonl   # file_name, text, shape, color, position, caption_is_correct
         heldout_prompts.jsonl                       # prompt, shape, color, position
         generator_config.json                       # the settings, to reuse data that is current
 
 Command line::
 
     python -m ldm.synthetic --out_dir data/shapes --num_images 10000 --resolution 32 --seed 0
+
+Captions can be made noisy on purpose (``caption_noise``), as web alt-text is: a chosen fraction of training
+captions misname one attribute of their image. The ``shape``/``color``/``position`` columns always describe
+what is drawn, so the detector's accuracy is measured against the truth; the held-out prompts stay clean.
 """
 
 from __future__ import annotations
@@ -199,7 +203,12 @@ def _check_resolution(resolution: int) -> None:
 
 
 def _config(
-    num_images: int, resolution: int, seed: int, num_heldout: int, exclude_heldout_from_train: bool
+    num_images: int,
+    resolution: int,
+    seed: int,
+    num_heldout: int,
+    exclude_heldout_from_train: bool,
+    caption_noise: float,
 ) -> dict:
     """The settings that determine a dataset's bytes, as stored in generator_config.json."""
     return {
@@ -209,11 +218,17 @@ def _config(
         "seed": seed,
         "num_heldout": num_heldout,
         "exclude_heldout_from_train": exclude_heldout_from_train,
+        "caption_noise": caption_noise,
     }
 
 
 def _check_dataset_args(
-    num_images: int, resolution: int, seed: int, num_heldout: int, exclude_heldout_from_train: bool
+    num_images: int,
+    resolution: int,
+    seed: int,
+    num_heldout: int,
+    exclude_heldout_from_train: bool,
+    caption_noise: float,
 ) -> None:
     """Raise a ValueError naming the first bad argument of generate_dataset."""
     num_combos = len(all_combinations())
@@ -234,6 +249,37 @@ def _check_dataset_args(
             f"num_heldout={num_heldout} with exclude_heldout_from_train leaves no combination to train on; "
             f"hold out fewer than {num_combos}."
         )
+    if (
+        isinstance(caption_noise, bool)
+        or not isinstance(caption_noise, (int, float))
+        or not 0 <= caption_noise < 1
+    ):
+        raise ValueError(
+            f"caption_noise must be a fraction in [0, 1) (e.g. 0.3 for 30% wrong captions), got {caption_noise!r}."
+        )
+
+
+def misnamed_combination(
+    combo: tuple[str, str, str], rng: np.random.Generator, forbidden: set[tuple[str, str, str]] = frozenset()
+) -> tuple[str, str, str]:
+    """``combo`` with exactly one attribute replaced by another value of its vocabulary.
+
+    The attribute (shape, colour or position) and its new value are drawn uniformly from ``rng``, among the
+    replacements that do not land in ``forbidden`` (the held-out combinations, which must never be captioned in
+    training). If every replacement is forbidden, ``combo`` is returned unchanged.
+    """
+    vocabularies = (SHAPES, tuple(COLORS), POSITIONS)
+    candidates, weights = [], []
+    for index, vocabulary in enumerate(vocabularies):
+        for value in vocabulary:
+            replaced = combo[:index] + (value,) + combo[index + 1 :]
+            if value != combo[index] and replaced not in forbidden:
+                candidates.append(replaced)
+                # 1/(k-1) per value: each attribute is misnamed a third of the time, whatever its vocabulary size.
+                weights.append(1.0 / (len(vocabulary) - 1))
+    if not candidates:
+        return combo
+    return candidates[rng.choice(len(candidates), p=np.array(weights) / sum(weights))]
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -250,12 +296,14 @@ def dataset_is_current(
     seed: int = 0,
     num_heldout: int = 30,
     exclude_heldout_from_train: bool = False,
+    caption_noise: float = 0.0,
 ) -> bool:
     """Whether ``out_dir`` already holds a complete dataset generated with exactly these settings.
 
     Args:
         out_dir: A directory that :func:`generate_dataset` may have written.
-        num_images, resolution, seed, num_heldout, exclude_heldout_from_train: As for :func:`generate_dataset`.
+        num_images, resolution, seed, num_heldout, exclude_heldout_from_train, caption_noise: As for
+            :func:`generate_dataset`.
 
     Returns:
         True if ``generator_config.json`` (written last, so only by a run that finished) matches these
@@ -265,7 +313,7 @@ def dataset_is_current(
     config_path = out_dir / "generator_config.json"
     if not config_path.is_file() or not (out_dir / "train" / "metadata.jsonl").is_file():
         return False
-    wanted = _config(num_images, resolution, seed, num_heldout, exclude_heldout_from_train)
+    wanted = _config(num_images, resolution, seed, num_heldout, exclude_heldout_from_train, caption_noise)
     return json.loads(config_path.read_text(encoding="utf-8")) == wanted
 
 
@@ -276,6 +324,7 @@ def generate_dataset(
     seed: int = 0,
     num_heldout: int = 30,
     exclude_heldout_from_train: bool = False,
+    caption_noise: float = 0.0,
 ) -> dict:
     """Write the captioned shapes dataset as a Hugging Face ``datasets`` imagefolder.
 
@@ -294,16 +343,20 @@ def generate_dataset(
         num_heldout: Number of distinct combinations written to ``heldout_prompts.jsonl`` (0 to 90).
         exclude_heldout_from_train: If True, the held-out combinations never appear in ``train/``, which makes
             them a test of compositional generalisation.
+        caption_noise: Fraction in [0, 1) of training captions that misname one attribute (chosen uniformly,
+            never producing a held-out combination when those are excluded). Image ``i``'s caption is noisy when
+            a uniform draw from a generator seeded with ``(seed, 4, i)`` falls below it, so the images and the
+            clean captions do not depend on this setting. The row's ``caption_is_correct`` says which.
 
     Returns:
         A summary: ``out_dir``, ``train_dir``, ``metadata_path``, ``heldout_path``, ``config_path``,
-        ``num_images``, ``resolution``, ``num_train_combinations`` and ``num_heldout``.
+        ``num_images``, ``resolution``, ``num_train_combinations``, ``num_heldout`` and ``num_noisy_captions``.
 
     Raises:
         ValueError: On an argument out of range, or if ``out_dir/train`` holds files that this function did
             not write (delete them or choose another ``out_dir``).
     """
-    _check_dataset_args(num_images, resolution, seed, num_heldout, exclude_heldout_from_train)
+    _check_dataset_args(num_images, resolution, seed, num_heldout, exclude_heldout_from_train, caption_noise)
     out_dir = Path(out_dir)
     train_dir = out_dir / "train"
     config_path = out_dir / "generator_config.json"
@@ -326,6 +379,7 @@ def generate_dataset(
     heldout = [combos[i] for i in heldout_order[:num_heldout]]
     heldout_set = set(heldout)
     train_combos = [c for c in combos if not (exclude_heldout_from_train and c in heldout_set)]
+    forbidden = heldout_set if exclude_heldout_from_train else set()
 
     order_rng = np.random.default_rng((seed, 2))
     rows = []
@@ -337,13 +391,18 @@ def generate_dataset(
         render(shape, color, position, resolution, np.random.default_rng((seed, 3, i))).save(
             train_dir / file_name
         )
+        noise_rng = np.random.default_rng((seed, 4, i))
+        named = (shape, color, position)
+        if noise_rng.random() < caption_noise:
+            named = misnamed_combination(named, noise_rng, forbidden)
         rows.append(
             {
                 "file_name": file_name,
-                "text": caption(shape, color, position),
+                "text": caption(*named),
                 "shape": shape,
                 "color": color,
                 "position": position,
+                "caption_is_correct": named == (shape, color, position),
             }
         )
     metadata_path = train_dir / "metadata.jsonl"
@@ -354,7 +413,7 @@ def generate_dataset(
         heldout_path,
         [{"prompt": caption(*c), "shape": c[0], "color": c[1], "position": c[2]} for c in heldout],
     )
-    config = _config(num_images, resolution, seed, num_heldout, exclude_heldout_from_train)
+    config = _config(num_images, resolution, seed, num_heldout, exclude_heldout_from_train, caption_noise)
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return {
         "out_dir": str(out_dir),
@@ -366,6 +425,7 @@ def generate_dataset(
         "resolution": resolution,
         "num_train_combinations": len(train_combos),
         "num_heldout": num_heldout,
+        "num_noisy_captions": sum(not row["caption_is_correct"] for row in rows),
     }
 
 
@@ -387,6 +447,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="keep the held-out combinations out of train/ (compositional generalisation test)",
     )
+    parser.add_argument(
+        "--caption_noise",
+        type=float,
+        default=0.0,
+        help="fraction of training captions that misname one attribute, as noisy web captions do (default 0)",
+    )
     args = parser.parse_args(argv)
     settings = {k: v for k, v in vars(args).items() if k != "out_dir"}
     if dataset_is_current(args.out_dir, **settings):
@@ -396,7 +462,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"Wrote {summary['num_images']} images of {summary['resolution']} px "
         f"({summary['num_train_combinations']} combinations) to {summary['train_dir']} "
-        f"and {summary['num_heldout']} held-out prompts to {summary['heldout_path']}."
+        f"and {summary['num_heldout']} held-out prompts to {summary['heldout_path']}"
+        + (f"; {summary['num_noisy_captions']} captions misname an attribute." if args.caption_noise else ".")
     )
 
 

@@ -21,6 +21,7 @@ from ldm.synthetic import (
     caption,
     generate_dataset,
     main,
+    misnamed_combination,
     render,
 )
 
@@ -146,8 +147,9 @@ def test_metadata_matches_captions_and_balances_combos(tmp_path):
     rows = _read_jsonl(Path(summary["metadata_path"]))
     assert len(rows) == 200
     for row in rows:
-        assert list(row) == ["file_name", "text", "shape", "color", "position"]
+        assert list(row) == ["file_name", "text", "shape", "color", "position", "caption_is_correct"]
         assert row["text"] == caption(row["shape"], row["color"], row["position"])
+        assert row["caption_is_correct"] is True
         assert (tmp_path / "train" / row["file_name"]).is_file()
     counts = Counter((row["shape"], row["color"], row["position"]) for row in rows)
     assert set(counts) == set(all_combinations())
@@ -190,9 +192,59 @@ def test_exclude_heldout_from_train(tmp_path):
     ).read_bytes()
 
 
+def _named(text: str) -> tuple[str, str, str]:
+    """The (shape, color, position) a caption names, by inverting caption() over all combinations."""
+    return {caption(*combo): combo for combo in all_combinations()}[text]
+
+
+def test_caption_noise_misnames_one_attribute_and_keeps_images(tmp_path):
+    clean = generate_dataset(
+        tmp_path / "clean", num_images=600, num_heldout=30, seed=5, exclude_heldout_from_train=True
+    )
+    noisy = generate_dataset(
+        tmp_path / "noisy",
+        num_images=600,
+        num_heldout=30,
+        seed=5,
+        exclude_heldout_from_train=True,
+        caption_noise=0.3,
+    )
+    clean_rows = _read_jsonl(Path(clean["metadata_path"]))
+    noisy_rows = _read_jsonl(Path(noisy["metadata_path"]))
+    heldout = {h["prompt"] for h in _read_jsonl(tmp_path / "noisy" / "heldout_prompts.jsonl")}
+    wrong = [row for row in noisy_rows if not row["caption_is_correct"]]
+    # Binomial(600, 0.3): mean 180, sd 11.2; +-4.5 sd.
+    assert noisy["num_noisy_captions"] == len(wrong) and 130 <= len(wrong) <= 230
+    misnamed = Counter()
+    for clean_row, row in zip(clean_rows, noisy_rows, strict=True):
+        truth = (row["shape"], row["color"], row["position"])
+        assert truth == (clean_row["shape"], clean_row["color"], clean_row["position"])
+        assert (tmp_path / "clean" / "train" / row["file_name"]).read_bytes() == (
+            tmp_path / "noisy" / "train" / row["file_name"]
+        ).read_bytes()
+        named = _named(row["text"])
+        differing = [i for i in range(3) if named[i] != truth[i]]
+        assert len(differing) == (0 if row["caption_is_correct"] else 1), row
+        assert row["text"] not in heldout  # a held-out prompt is never seen in training, not even as noise
+        misnamed.update(differing)
+    # Each attribute is misnamed about a third of the time, whatever its vocabulary size.
+    assert all(len(wrong) / 3 - 35 <= misnamed[i] <= len(wrong) / 3 + 35 for i in range(3)), misnamed
+
+
+def test_misnamed_combination_respects_forbidden_combinations():
+    combo = ("circle", "red", "left")
+    others = {misnamed_combination(combo, np.random.default_rng(i)) for i in range(400)}
+    assert len(others) == 2 + 5 + 4 and combo not in others  # every one-attribute change, and only those
+    forbidden = others - {("square", "red", "left")}
+    assert misnamed_combination(combo, np.random.default_rng(0), forbidden) == ("square", "red", "left")
+    assert misnamed_combination(combo, np.random.default_rng(0), others) == combo
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
+        ({"num_images": 10, "caption_noise": 1.0}, "caption_noise"),
+        ({"num_images": 10, "caption_noise": -0.1}, "caption_noise"),
         ({"num_images": 0}, "num_images"),
         ({"num_images": 10, "seed": -1}, "seed"),
         ({"num_images": 10, "num_heldout": -1}, "num_heldout"),
