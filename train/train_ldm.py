@@ -652,6 +652,9 @@ def main(argv: list[str] | None = None) -> None:
         if uploader is not None:
             uploader.wait()
         save_final(accelerator, config, make_pipe(trained), grid_path)
+    # Every rank waits here (GIL released) so that gloo's worker threads finish with the last collective
+    # before the process group and DDP's reducer are torn down; otherwise exit can deadlock on CPU.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
 
 

@@ -434,6 +434,9 @@ def main(argv: list[str] | None = None) -> None:
             f"scaling_factor {metrics['scaling_factor']:.5f} (latent std {metrics['latent_std']:.4f}), "
             f"{global_step} steps in {seconds:.0f} s -> {output_dir}"
         )
+    # Every rank waits here (GIL released) so that gloo's worker threads finish with the last collective
+    # before the process group and DDP's reducer are torn down; otherwise exit can deadlock on CPU.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
