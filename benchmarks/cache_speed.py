@@ -1,6 +1,6 @@
 """Training throughput with the latent/text cache against without it, on the demo model and data.
 
-    python benchmarks/cache_speed.py [--steps 100]       (after `make demo` has built outputs/demo/base)
+    python benchmarks/cache_speed.py [--steps 100] [--demo_dir outputs/demo]   (after `make demo` built it)
 
 Both runs launch the real `train/train_ldm.py` with the demo config; the cached run's cache is built first (its
 build time is reported separately) and each run's samples/s covers the training steps (batch loading included, validation and saving excluded). Prints one ratio.
@@ -22,14 +22,15 @@ THROUGHPUT = re.compile(r"Throughput: (\d+) samples in ([\d.]+) s of training st
 
 
 def run(
-    config: Path, out: Path, steps: int, cache_dir: Path, cached: bool, expect: str = ""
+    config: Path, demo_dir: Path, out: Path, steps: int, cache_dir: Path, cached: bool, expect: str = ""
 ) -> tuple[float, float]:
     """Launch a short training run; returns (samples/s of the steps, wall seconds of the whole launch)."""
     cmd = [
         str(Path(sys.executable).parent / "accelerate"), "launch", "--cpu", "--num_machines", "1",
         "--num_cpu_threads_per_process", str(len(os.sched_getaffinity(0))),
         "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train" / "train_ldm.py"),
-        "--config", str(config), "--output_dir", str(out), "--max_train_steps", str(steps),
+        "--config", str(config), "--pretrained_model_name_or_path", str(demo_dir / "base"),
+        "--train_data_dir", str(demo_dir / "data"), "--output_dir", str(out), "--max_train_steps", str(steps),
         "--checkpointing_steps", "1000000", "--validation_steps", "1000000", "--validation_prompts", "none",
         "--cache_latents", str(cached).lower(), "--cache_dir", str(cache_dir), "--report_to", "none",
     ]  # fmt: skip
@@ -52,21 +53,30 @@ def main() -> None:
     )
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument(
+        "--demo_dir",
+        default=str(ROOT / "outputs" / "demo"),
+        help="the DEMO folder of `make demo` (base/, data/)",
+    )
     args = parser.parse_args()
+    demo_dir = Path(args.demo_dir)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         _, build_wall = run(
-            Path(args.config), tmp / "build", 1, tmp / "cache", cached=True
+            Path(args.config), demo_dir, tmp / "build", 1, tmp / "cache", cached=True
         )  # builds the cache
         cached, cached_wall = run(
             Path(args.config),
+            demo_dir,
             tmp / "cached",
             args.steps,
             tmp / "cache",
             cached=True,
             expect="Latent cache hit",
         )
-        live, live_wall = run(Path(args.config), tmp / "live", args.steps, tmp / "cache", cached=False)
+        live, live_wall = run(
+            Path(args.config), demo_dir, tmp / "live", args.steps, tmp / "cache", cached=False
+        )
     print(f"steps per run: {args.steps} (demo config {args.config})")
     print(f"cache build (one launch, incl. start-up): {build_wall:.1f} s")
     print(f"uncached: {live:.1f} samples/s  (launch {live_wall:.1f} s)")

@@ -222,29 +222,27 @@ def _config(
     }
 
 
-def _check_dataset_args(
-    num_images: int,
-    resolution: int,
-    seed: int,
-    num_heldout: int,
-    exclude_heldout_from_train: bool,
-    caption_noise: float,
-) -> None:
-    """Raise a ValueError naming the first bad argument of generate_dataset."""
+def _check_dataset_args(config: dict) -> None:
+    """Raise a ValueError naming the first bad setting in a `_config` dict of generate_dataset's arguments."""
+    num_images, num_heldout, caption_noise = (
+        config["num_images"],
+        config["num_heldout"],
+        config["caption_noise"],
+    )
     num_combos = len(all_combinations())
     for name, value, low in (
         ("num_images", num_images, 1),
-        ("seed", seed, 0),
+        ("seed", config["seed"], 0),
         ("num_heldout", num_heldout, 0),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
-    _check_resolution(resolution)
+    _check_resolution(config["resolution"])
     if num_heldout > num_combos:
         raise ValueError(
             f"num_heldout={num_heldout} exceeds the {num_combos} distinct (shape, color, position) combinations."
         )
-    if exclude_heldout_from_train and num_heldout == num_combos:
+    if config["exclude_heldout_from_train"] and num_heldout == num_combos:
         raise ValueError(
             f"num_heldout={num_heldout} with exclude_heldout_from_train leaves no combination to train on; "
             f"hold out fewer than {num_combos}."
@@ -275,7 +273,8 @@ def misnamed_combination(
             replaced = combo[:index] + (value,) + combo[index + 1 :]
             if value != combo[index] and replaced not in forbidden:
                 candidates.append(replaced)
-                # 1/(k-1) per value: each attribute is misnamed a third of the time, whatever its vocabulary size.
+                # 1/(k-1) per value: with nothing forbidden, each attribute is misnamed a third of the time,
+                # whatever its vocabulary size.
                 weights.append(1.0 / (len(vocabulary) - 1))
     if not candidates:
         return combo
@@ -345,8 +344,9 @@ def generate_dataset(
             them a test of compositional generalisation.
         caption_noise: Fraction in [0, 1) of training captions that misname one attribute (chosen uniformly,
             never producing a held-out combination when those are excluded). Image ``i``'s caption is noisy when
-            a uniform draw from a generator seeded with ``(seed, 4, i)`` falls below it, so the images and the
-            clean captions do not depend on this setting. The row's ``caption_is_correct`` says which.
+            a uniform draw from a generator seeded with ``(seed, 4, i)`` falls below it (and some one-attribute
+            change of it is not held out), so the images and the clean captions do not depend on this setting.
+            The row's ``caption_is_correct`` says which captions are wrong.
 
     Returns:
         A summary: ``out_dir``, ``train_dir``, ``metadata_path``, ``heldout_path``, ``config_path``,
@@ -356,7 +356,8 @@ def generate_dataset(
         ValueError: On an argument out of range, or if ``out_dir/train`` holds files that this function did
             not write (delete them or choose another ``out_dir``).
     """
-    _check_dataset_args(num_images, resolution, seed, num_heldout, exclude_heldout_from_train, caption_noise)
+    config = _config(num_images, resolution, seed, num_heldout, exclude_heldout_from_train, caption_noise)
+    _check_dataset_args(config)
     out_dir = Path(out_dir)
     train_dir = out_dir / "train"
     config_path = out_dir / "generator_config.json"
@@ -413,7 +414,6 @@ def generate_dataset(
         heldout_path,
         [{"prompt": caption(*c), "shape": c[0], "color": c[1], "position": c[2]} for c in heldout],
     )
-    config = _config(num_images, resolution, seed, num_heldout, exclude_heldout_from_train, caption_noise)
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return {
         "out_dir": str(out_dir),

@@ -231,6 +231,17 @@ def test_caption_noise_misnames_one_attribute_and_keeps_images(tmp_path):
     assert all(len(wrong) / 3 - 35 <= misnamed[i] <= len(wrong) / 3 + 35 for i in range(3)), misnamed
 
 
+def test_misnamed_combination_picks_each_attribute_a_third_of_the_time():
+    combo = ("triangle", "cyan", "center")  # 2 other shapes, 5 other colours, 4 other positions
+    rng = np.random.default_rng(0)
+    changed = Counter(
+        next(i for i in range(3) if other[i] != combo[i])
+        for other in (misnamed_combination(combo, rng) for _ in range(3000))
+    )
+    # Binomial(3000, 1/3): sd 26; +-75 is about 3 sd. Uniform over the 11 changes would give 545/1364/1091.
+    assert all(925 <= changed[i] <= 1075 for i in range(3)), changed
+
+
 def test_misnamed_combination_respects_forbidden_combinations():
     combo = ("circle", "red", "left")
     others = {misnamed_combination(combo, np.random.default_rng(i)) for i in range(400)}

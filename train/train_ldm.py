@@ -652,8 +652,9 @@ def main(argv: list[str] | None = None) -> None:
         if uploader is not None:
             uploader.wait()
         save_final(accelerator, config, make_pipe(trained), grid_path)
-    # Every rank waits here (GIL released) so that gloo's worker threads finish with the last collective
-    # before the process group and DDP's reducer are torn down; otherwise exit can deadlock on CPU.
+    # Every rank waits here with the GIL released, which gives gloo's worker threads time to drop the last
+    # collective's tensors before DDP's reducer and the process group are torn down: a worker still holding them
+    # at exit needs the GIL that the teardown holds, and the process hangs (seen once on CPU in CI).
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
