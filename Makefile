@@ -34,13 +34,13 @@ LAUNCH := $(BIN)/accelerate launch --cpu --num_cpu_threads_per_process $(shell n
 	--mixed_precision no --dynamo_backend no
 
 demo: setup
-	$(BIN)/python -m ldm.synthetic --out_dir $(DEMO)/data --num_images 4000 --resolution 64 --seed 0 --num_heldout 30 \
+	$(BIN)/python -m ldm.shapes.synthetic --out_dir $(DEMO)/data --num_images 4000 --resolution 64 --seed 0 --num_heldout 30 \
 		--exclude_heldout_from_train --caption_noise $(CAPTION_NOISE)
 	$(LAUNCH) train/train_vae.py --train_data_dir $(DEMO)/data --vae_preset small --resolution 64 \
 		--train_batch_size 8 --max_train_steps 700 --learning_rate 1e-3 --lr_scheduler cosine \
 		--lr_warmup_steps 50 --recon_loss l2 --seed 0 \
 		--report_to none --output_dir $(DEMO)/vae
-	$(BIN)/python -m ldm.text_stack --captions $(DEMO)/data/train/metadata.jsonl --vae $(DEMO)/vae \
+	$(BIN)/python -m ldm.shapes.text_stack --captions $(DEMO)/data/train/metadata.jsonl --vae $(DEMO)/vae \
 		--out_dir $(DEMO)/base --max_length 16
 	$(LAUNCH) train/train_ldm.py --config configs/demo.yaml --resume_from_checkpoint latest \
 		--pretrained_model_name_or_path $(DEMO)/base --train_data_dir $(DEMO)/data --output_dir $(DEMO)/ldm \

@@ -1,4 +1,16 @@
-"""ldm: Stable-Diffusion-style latent text-to-image models on the Hugging Face stack."""
+"""ldm: Stable-Diffusion-style latent text-to-image models on the Hugging Face stack.
+
+The package map (README's Layout section has the same table):
+
+- sampling and what it shares with training: `pipeline` (`LatentPipeline`, its numbered steps; the sampler step is
+  the diffusers scheduler's, called in `LatentPipeline.denoise`), `encoding` (text embeddings, latent scaling),
+  `presets` (model shapes), `schedulers` (samplers by name), `tokenizer`, `hub`, `cli` (`ldm-generate`), `images`,
+  `seeding`.
+- `training/`: `config` -> `data` (+ `transforms`: every per-sample random draw) -> `latent_cache` -> `encoders`
+  (batch -> latents, text embeddings) -> `loss` -> optimizer; `checkpoint` (save, resume, prune, upload, final
+  save), `distributed`, `vae` (autoencoder losses and metrics).
+- `shapes/`: the offline demo world: `synthetic` data, `detector`, `adherence` evaluation, `text_stack`.
+"""
 
 from ldm.pipeline import LatentPipeline, LatentPipelineOutput, classifier_free_guidance, rescale_guidance
 from ldm.presets import PRESETS, build_pipeline, build_unet

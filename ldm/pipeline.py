@@ -26,6 +26,8 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ldm.encoding import encode_text, unscale_latents, vae_scale_factor
+from ldm.hub import upload_pipeline
 from ldm.tokenizer import write_vocab_files
 
 logger = logging.get_logger(__name__)
@@ -59,34 +61,6 @@ def rescale_guidance(eps_hat: torch.Tensor, eps_cond: torch.Tensor, rescale: flo
     return rescale * rescaled + (1 - rescale) * eps_hat
 
 
-def encode_text(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, texts: list[str]) -> torch.Tensor:
-    """CLIP last hidden states (B, model_max_length, D), as Stable Diffusion conditions on them.
-
-    Training (caption and empty-prompt embeddings) and sampling (prompt and unconditional embeddings) both call
-    this, so the unconditional input the model learns under caption dropout is exactly the one guidance uses.
-    """
-    tokens = tokenizer(
-        texts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
-    untruncated = tokenizer(texts, padding="longest", return_tensors="pt").input_ids
-    if untruncated.shape[-1] > tokens.input_ids.shape[-1]:
-        logger.warning(
-            "Prompts longer than the tokenizer's model_max_length=%d tokens were truncated: %s",
-            tokenizer.model_max_length,
-            texts,
-        )
-    attention_mask = None
-    # SD's CLIP attends over padding; only encoders configured for masks (not CLIP) get one.
-    if getattr(text_encoder.config, "use_attention_mask", False):
-        attention_mask = tokens.attention_mask.to(text_encoder.device)
-    hidden = text_encoder(tokens.input_ids.to(text_encoder.device), attention_mask=attention_mask)[0]
-    return hidden.to(dtype=text_encoder.dtype)
-
-
 class LatentPipeline(DiffusionPipeline):
     """Text-to-image latent diffusion: CLIP text -> UNet denoising in VAE latent space -> VAE decode.
 
@@ -116,7 +90,7 @@ class LatentPipeline(DiffusionPipeline):
         self.register_modules(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler
         )
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = vae_scale_factor(self.vae.config)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     # ------------------------------------------------------------------ loading and saving
@@ -181,8 +155,6 @@ class LatentPipeline(DiffusionPipeline):
         Returns:
             The URL of the commit.
         """
-        from ldm.hub import upload_pipeline
-
         return upload_pipeline(
             self, repo_id, commit_message=commit_message, private=private, token=token, model_card=model_card
         )
@@ -495,10 +467,8 @@ class LatentPipeline(DiffusionPipeline):
         """Latents -> images through the VAE, undoing the scaling that training applied to its latents."""
         if output_type == "latent":
             return latents
-        latents = latents / self.vae.config.scaling_factor
-        if getattr(self.vae.config, "shift_factor", None) is not None:
-            latents = latents + self.vae.config.shift_factor
-        images = self.vae.decode(latents.to(self.vae.dtype), return_dict=False, generator=generator)[0]
+        z = unscale_latents(latents, self.vae)
+        images = self.vae.decode(z.to(self.vae.dtype), return_dict=False, generator=generator)[0]
         return self.image_processor.postprocess(
             images, output_type=output_type, do_denormalize=[True] * len(images)
         )

@@ -14,6 +14,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ldm.pipeline import LatentPipeline
+
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # Unit tests: two UNet blocks, a 2x VAE, a two-layer text encoder; 16 px images, 8x8x4 latents.
     "tiny": {
@@ -151,8 +153,6 @@ def build_pipeline(name: str, tokenizer: CLIPTokenizer | str | Path, seed: int =
     Returns:
         A `LatentPipeline` with a DDIM scheduler in Stable Diffusion's training configuration.
     """
-    from ldm.pipeline import LatentPipeline
-
     preset = get_preset(name)
     if not isinstance(tokenizer, CLIPTokenizer):
         tokenizer = CLIPTokenizer.from_pretrained(tokenizer)

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from diffusers.optimization import SchedulerType
 
-from ldm.config import LrScheduler, TrainConfig, load_config, save_config
+from ldm.training.config import LrScheduler, TrainConfig, load_config, save_config
 
 REQUIRED = ["--pretrained_model_name_or_path", "some/model", "--dataset_name", "some/data"]
 
@@ -78,7 +78,7 @@ def test_none_for_optional_fields(tmp_path):
 
 def test_literal_choices_are_checked():
     assert load_config([*REQUIRED, "--lr_scheduler", "cosine"]).lr_scheduler == "cosine"
-    with pytest.raises(ValueError, match="lr_scheduler.*'cosine_with_restarts'.*'warmup'"):
+    with pytest.raises(ValueError, match="'lr_scheduler'.*'warmup'.*'cosine_with_restarts'"):
         load_config([*REQUIRED, "--lr_scheduler", "warmup"])
     with pytest.raises(ValueError, match="mixed_precision"):
         load_config([*REQUIRED, "--mixed_precision", "fp8"])
@@ -89,16 +89,16 @@ def test_lr_scheduler_names_are_accepted_by_diffusers():
 
 
 @pytest.mark.parametrize(
-    ("argv", "field", "type_name"),
+    ("argv", "expected"),
     [
-        (["--resolution", "1.5"], "resolution", "int"),
-        (["--learning_rate", "fast"], "learning_rate", "float"),
-        (["--use_ema", "maybe"], "use_ema", "bool"),
-        (["--seed", "x"], "seed", "int or none"),
+        (["--resolution", "1.5"], "'resolution'.*invalid int value: '1.5'"),
+        (["--learning_rate", "fast"], "'learning_rate'.*invalid float value: 'fast'"),
+        (["--use_ema", "maybe"], "'use_ema'.*got maybe.*true/false"),
+        (["--seed", "x"], "'seed'.*invalid int or none value: 'x'"),
     ],
 )
-def test_wrong_type_on_command_line(argv, field, type_name):
-    with pytest.raises(ValueError, match=f"'{field}' expects {type_name}"):
+def test_wrong_type_on_command_line(argv, expected):
+    with pytest.raises(ValueError, match=expected):
         load_config([*REQUIRED, *argv])
 
 
@@ -114,9 +114,9 @@ def test_wrong_type_in_yaml(tmp_path):
 
 
 def test_scalar_flag_rejects_several_values_and_bare_non_bool():
-    with pytest.raises(ValueError, match="exactly one value"):
+    with pytest.raises(ValueError, match="Unexpected value '512'.*exactly one value.*--validation_prompts"):
         load_config([*REQUIRED, "--resolution", "256", "512"])
-    with pytest.raises(ValueError, match="exactly one value"):
+    with pytest.raises(ValueError, match="'resolution'.*expected one argument"):
         load_config([*REQUIRED, "--resolution"])
 
 
@@ -156,6 +156,7 @@ def test_hub_token_refused(tmp_path):
         ({"push_to_hub": True}, "push_to_hub needs hub_model_id"),
         ({"hub_push_checkpoints": True}, "hub_push_checkpoints needs push_to_hub"),
         ({"unet_preset": "huge"}, "unet_preset 'huge'"),
+        ({"streaming": True}, "streaming=true.*set max_train_steps"),
         ({"resolution": "512"}, "'resolution' expects int"),
     ],
 )

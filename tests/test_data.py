@@ -11,19 +11,21 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.config import TrainConfig
-from ldm.data import (
-    ImageCaptionTransform,
+from ldm.training.config import TrainConfig
+from ldm.training.data import (
     StreamingTrainDataset,
     TrainDataset,
     build_train_dataset,
-    caption_dropout_mask,
     collate_fn,
-    draw_sample_randomness,
     load_image_caption_dataset,
     make_dataloader,
-    open_image,
     shard_for_process,
+)
+from ldm.training.transforms import (
+    ImageCaptionTransform,
+    caption_dropout_mask,
+    draw_sample_randomness,
+    open_image,
 )
 
 RESOLUTION = 32
@@ -275,7 +277,7 @@ def test_caption_dropout_is_pure_and_redrawn_per_epoch():
 
 def test_corrupt_images_are_skipped_and_counted(imagefolder, tmp_path, caplog):
     dataset = build_train_dataset(make_config(imagefolder, tmp_path), SEED)
-    with caplog.at_level(logging.WARNING, logger="ldm.data"):
+    with caplog.at_level(logging.WARNING, logger="ldm.training.data"):
         assert dataset[3] is None and dataset[4] is None
         assert dataset[3] is None
     warnings = [record.getMessage() for record in caplog.records]
@@ -309,7 +311,7 @@ def test_open_image_accepts_every_form(imagefolder):
 
 
 def test_streaming_yields_samples(webdataset_dir, tmp_path):
-    config = make_config(webdataset_dir, tmp_path, streaming=True)
+    config = make_config(webdataset_dir, tmp_path, streaming=True, max_train_steps=1)
     dataset = build_train_dataset(config, SEED)
     assert isinstance(dataset, StreamingTrainDataset)
     samples = list(dataset)
@@ -322,7 +324,9 @@ def test_streaming_yields_samples(webdataset_dir, tmp_path):
 
 @pytest.mark.parametrize("num_processes", [2, 3])
 def test_shard_for_process_is_disjoint(webdataset_dir, tmp_path, num_processes):
-    stream = load_image_caption_dataset(make_config(webdataset_dir, tmp_path, streaming=True))
+    stream = load_image_caption_dataset(
+        make_config(webdataset_dir, tmp_path, streaming=True, max_train_steps=1)
+    )
     assert isinstance(stream, datasets.IterableDataset)
     transform = ImageCaptionTransform(RESOLUTION, False, False, SEED)
     captions, indices = [], []

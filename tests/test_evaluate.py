@@ -12,7 +12,8 @@ import PIL.Image
 import pytest
 import torch
 
-from ldm.evaluate import (
+from ldm.presets import build_pipeline
+from ldm.shapes.adherence import (
     adherence_grid,
     best_guidance,
     evaluate_adherence,
@@ -20,8 +21,7 @@ from ldm.evaluate import (
     load_heldout_prompts,
     results_to_json,
 )
-from ldm.presets import build_pipeline
-from ldm.synthetic import CAPTION_WORDS, all_combinations, caption, generate_dataset, render
+from ldm.shapes.synthetic import CAPTION_WORDS, all_combinations, caption, generate_dataset, render
 from ldm.tokenizer import write_clip_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,13 +9,15 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from ldm.config import TrainConfig
-from ldm.data import build_train_and_heldout, caption_dropout_mask, collate_fn
-from ldm.latent_cache import CachedBatchEncoder, LiveBatchEncoder, build_cache
-from ldm.loss import diffusion_loss, sample_noise_and_timesteps
 from ldm.presets import build_pipeline
-from ldm.synthetic import CAPTION_WORDS, generate_dataset
+from ldm.shapes.synthetic import CAPTION_WORDS, generate_dataset
 from ldm.tokenizer import write_clip_tokenizer
+from ldm.training.config import TrainConfig
+from ldm.training.data import build_train_and_heldout, collate_fn
+from ldm.training.encoders import CachedBatchEncoder, LiveBatchEncoder
+from ldm.training.latent_cache import build_cache
+from ldm.training.loss import diffusion_loss, sample_noise_and_timesteps
+from ldm.training.transforms import caption_dropout_mask
 
 SEED = 3
 
@@ -47,7 +49,7 @@ def cache_for(root, pipe, config):
 def test_miss_then_hit_without_encoding(parts, caplog):
     root, pipe = parts
     config = make_config(root, cache_dir=str(root / "cache-hit"))
-    with caplog.at_level(logging.INFO, logger="ldm.latent_cache"):
+    with caplog.at_level(logging.INFO, logger="ldm.training.latent_cache"):
         _, first = cache_for(root, pipe, config)
     assert "cache miss" in caplog.text
     assert first.moments.shape == (12, 2, 8, 8, 8) and first.num_skipped == 1
@@ -60,7 +62,7 @@ def test_miss_then_hit_without_encoding(parts, caplog):
     pipe.vae.encode = forbidden
     try:
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="ldm.latent_cache"):
+        with caplog.at_level(logging.INFO, logger="ldm.training.latent_cache"):
             _, second = cache_for(root, pipe, config)
     finally:
         pipe.vae.encode = encode
@@ -154,6 +156,6 @@ def test_random_crop_of_non_square_images_disables_the_cache(parts, tmp_path, ca
     Image.new("RGB", (24, 16), "white").save(tmp_path / "data" / "train" / "000000.png")
     config = make_config(tmp_path, center_crop=False, cache_dir=str(tmp_path / "cache"))
     train, _ = build_train_and_heldout(config, SEED, 0)
-    with caplog.at_level(logging.WARNING, logger="ldm.latent_cache"):
+    with caplog.at_level(logging.WARNING, logger="ldm.training.latent_cache"):
         cache = build_cache(Accelerator(cpu=True), train, pipe.vae, pipe.text_encoder, pipe.tokenizer, config)
     assert cache is None and "center_crop" in caplog.text

@@ -1,4 +1,4 @@
-"""Tests for the synthetic shapes dataset (ldm.synthetic) and the attribute detector (ldm.detector)."""
+"""Tests for the synthetic shapes dataset (ldm.shapes.synthetic) and the attribute detector (ldm.shapes.detector)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from ldm.detector import detect, detector_accuracy
-from ldm.synthetic import (
+from ldm.shapes.detector import detect, detector_accuracy
+from ldm.shapes.synthetic import (
     BACKGROUND,
     CAPTION_WORDS,
     COLORS,

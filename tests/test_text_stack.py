@@ -7,8 +7,8 @@ from diffusers import AutoencoderKL, DDPMScheduler
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm import PRESETS
-from ldm.synthetic import generate_dataset
-from ldm.text_stack import caption_words, main, read_captions
+from ldm.shapes.synthetic import generate_dataset
+from ldm.shapes.text_stack import caption_words, main, read_captions
 
 
 def test_base_folder_from_captions(tmp_path, capsys):
@@ -31,7 +31,7 @@ def test_base_folder_from_captions(tmp_path, capsys):
 
 
 def test_max_length_too_short_for_the_captions(tmp_path):
-    from ldm.text_stack import build_text_stack
+    from ldm.shapes.text_stack import build_text_stack
 
     with pytest.raises(ValueError, match="max_length=4"):
         build_text_stack(["a red circle on the left"], tmp_path, preset="tiny", max_length=4)

@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from ldm import LatentPipeline, build_pipeline, write_clip_tokenizer
-from ldm.synthetic import CAPTION_WORDS, generate_dataset
+from ldm.shapes.synthetic import CAPTION_WORDS, generate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).parent / "accelerate"
@@ -78,6 +78,12 @@ def test_finetune_writes_loadable_pipeline_checkpoints_and_card(world, tmp_path)
     ]:
         assert (ckpt / name).exists(), name
     assert json.loads((ckpt / "trainer_state.json").read_text())["global_step"] == 6
+    # The final folder records the steps done and the throughput (what benchmarks/ read).
+    final_state = json.loads((out / "trainer_state.json").read_text())
+    assert final_state["global_step"] == 6 and final_state["latent_cache"] is True
+    assert (
+        final_state["samples_per_second"] == final_state["train_samples"] / final_state["train_seconds"] > 0
+    )
     assert LatentPipeline.from_pretrained(ckpt / "pipeline").unet is not None
 
     # The final folder loads in both pipelines; the frozen parts are byte-for-byte the base model's.
@@ -225,7 +231,7 @@ def test_bad_config_fails_at_startup(world, tmp_path, args, message):
 def test_shipped_configs_load():
     from accelerate.commands.config.config_args import load_config_from_file
 
-    from ldm.config import load_config
+    from ldm.training.config import load_config
 
     kinds = {
         p.name: load_config_from_file(str(p)).distributed_type

@@ -13,8 +13,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from ldm.synthetic import generate_dataset
-from ldm.vae_training import evaluate_vae, kl_loss, psnr_db
+from ldm.shapes.synthetic import generate_dataset
+from ldm.training.vae import evaluate_vae, kl_loss, psnr_db
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).parent / "accelerate"

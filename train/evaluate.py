@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from ldm.evaluate import (
+from ldm.pipeline import LatentPipeline
+from ldm.schedulers import scheduler_from_name
+from ldm.shapes.adherence import (
     adherence_grid,
     best_guidance,
     evaluate_adherence,
@@ -27,15 +29,15 @@ from ldm.evaluate import (
     load_heldout_prompts,
     results_to_json,
 )
-from ldm.pipeline import LatentPipeline
-from ldm.schedulers import scheduler_from_name
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments of train/evaluate.py."""
     parser = argparse.ArgumentParser(description="Prompt adherence of a pipeline on held-out shape prompts.")
     parser.add_argument("--model", required=True, help="Pipeline folder (save_pretrained layout).")
-    parser.add_argument("--prompts", required=True, help="heldout_prompts.jsonl written by ldm.synthetic.")
+    parser.add_argument(
+        "--prompts", required=True, help="heldout_prompts.jsonl written by ldm.shapes.synthetic."
+    )
     parser.add_argument(
         "--guidance_scales", type=float, nargs="+", default=[1.0, 3.0, 7.5], help="Scales (default 1 3 7.5)."
     )

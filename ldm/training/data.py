@@ -1,43 +1,28 @@
-"""Training data: image-caption datasets, the deterministic image transform, batching.
+"""Training data: image-caption sources, torch datasets, batching, and the epoch loader.
 
-Every random choice made for a sample (crop offset, horizontal flip, which caption of several, caption
-dropout) is a pure function of ``(seed, epoch, index)``, drawn from its own
-``numpy.random.default_rng([seed, epoch, index, ...])``. Nothing reads the global RNGs, so the number
-of dataloader workers, the process count and resuming from a checkpoint cannot change what a sample
-looks like: a resumed run sees exactly the data an uninterrupted run would.
-
-Images are decoded here rather than by ``datasets`` (the image column is cast to
+Sources are Hub datasets, imagefolders (images + ``metadata.jsonl``) and webdataset ``*.tar`` shards, map-style or
+streamed. Images are decoded here rather than by ``datasets`` (the image column is cast to
 ``datasets.Image(decode=False)``), so a corrupt file becomes a skipped sample instead of a crash:
-:class:`TrainDataset` returns ``None`` for it and :func:`collate_fn` counts it in ``num_skipped``.
+:class:`TrainDataset` returns ``None`` for it and :func:`collate_fn` counts it in ``num_skipped``. The transform
+and its random draws are in :mod:`ldm.training.transforms`.
 """
 
-import io
+import itertools
 import logging
-import os
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
-from PIL import Image, ImageOps
+from PIL import Image
 
-from ldm.config import TrainConfig
+from ldm.training.config import TrainConfig
+from ldm.training.transforms import DECODE_ERRORS, ImageCaptionTransform, caption_list, open_image
 
 logger = logging.getLogger(__name__)
-
-# Bicubic, as in the original latent-diffusion data pipeline: sharper than bilinear when downscaling.
-RESAMPLE = Image.Resampling.BICUBIC
-
-# What PIL raises for a zero-byte, truncated or garbled file (SyntaxError: "broken PNG file";
-# ValueError: a record with neither bytes nor path).
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
-
-# The stream tag of caption dropout. default_rng([s, e, i]) and default_rng([s, e, i, 0]) are the
-# same stream (SeedSequence zero-pads its entropy), so the tag must not be 0.
-_DROPOUT_STREAM = 1
 
 Sample = dict[str, Any]
 
@@ -161,214 +146,6 @@ def shard_for_process(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Decoding and the per-sample transform
-# ----------------------------------------------------------------------------------------------------
-
-
-def open_image(value: dict | Image.Image | str | os.PathLike) -> Image.Image:
-    """Decode an image fully into RGB.
-
-    EXIF orientation is applied, as ``datasets.Image`` decoding does, so a photo stored sideways is
-    trained upright.
-
-    Args:
-        value: what ``datasets.Image(decode=False)`` holds (``{"bytes": ..., "path": ...}``, bytes
-            preferred), a PIL image, or a file path.
-
-    Returns:
-        A loaded RGB ``PIL.Image``.
-
-    Raises:
-        OSError, SyntaxError, EOFError, PIL.Image.DecompressionBombError: the file cannot be decoded
-            (PIL's ``UnidentifiedImageError`` and "image file is truncated" are ``OSError``s).
-        ValueError: a record with neither bytes nor path.
-        TypeError: ``value`` is none of the accepted kinds.
-    """
-    if isinstance(value, Image.Image):
-        return _upright_rgb(value)
-    if isinstance(value, dict):
-        if value.get("bytes") is not None:
-            value = io.BytesIO(value["bytes"])
-        elif value.get("path") is not None:
-            value = value["path"]
-        else:
-            raise ValueError("Image record has neither bytes nor path.")
-    elif not isinstance(value, (str, os.PathLike)):
-        raise TypeError(f"Cannot open an image from a {type(value).__name__}.")
-    with Image.open(value) as image:
-        return _upright_rgb(image)
-
-
-def _upright_rgb(image: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation if any, then convert (and so fully decode) to RGB."""
-    if image.getexif().get(Image.ExifTags.Base.Orientation) is not None:
-        image = ImageOps.exif_transpose(image)
-    return image.convert("RGB")
-
-
-def resized_size(image_size: tuple[int, int], resolution: int) -> tuple[int, int]:
-    """(width, height) after scaling so that the shorter side equals ``resolution``."""
-    width, height = image_size
-    scale = resolution / min(width, height)
-    return max(resolution, round(width * scale)), max(resolution, round(height * scale))
-
-
-def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    """The generator for one sample's transform randomness: a pure function of its arguments."""
-    return np.random.default_rng([seed, epoch, index])
-
-
-def draw_sample_randomness(
-    seed: int,
-    epoch: int,
-    index: int,
-    num_captions: int,
-    resolution: int,
-    image_size: tuple[int, int],
-    *,
-    center_crop: bool,
-    random_flip: bool,
-) -> dict[str, Any]:
-    """Every random choice of the transform for one sample, without touching the image.
-
-    Four uniforms are always drawn from ``sample_rng(seed, epoch, index)`` in a fixed order (flip,
-    caption, crop top, crop left), so ``flip`` and ``caption_index`` depend neither on the image size
-    nor on the resolution: the latent cache can recover them from ``(seed, epoch, index)`` alone.
-
-    Args:
-        seed: the run's data seed (>= 0).
-        epoch: the epoch the sample is drawn in.
-        index: the sample's row index in the dataset (or its stream counter).
-        num_captions: how many captions the sample has (1 for a plain string).
-        resolution: side of the square training crop.
-        image_size: (width, height) of the original, unresized image.
-        center_crop: crop the centre instead of a random window.
-        random_flip: allow the horizontal flip (otherwise ``flip`` is always False).
-
-    Returns:
-        ``{"flip": bool, "crop_top": int, "crop_left": int, "caption_index": int}``; crop offsets are in
-        the image resized by :func:`resized_size`.
-
-    Raises:
-        ValueError: if ``num_captions`` < 1.
-    """
-    if num_captions < 1:
-        raise ValueError(f"Sample {index} has no caption.")
-    flip_u, caption_u, top_u, left_u = sample_rng(seed, epoch, index).random(4)
-    width, height = resized_size(image_size, resolution)
-    slack_y, slack_x = height - resolution, width - resolution
-    if center_crop:
-        crop_top, crop_left = slack_y // 2, slack_x // 2
-    else:
-        crop_top, crop_left = int(top_u * (slack_y + 1)), int(left_u * (slack_x + 1))
-    return {
-        "flip": bool(random_flip and flip_u < 0.5),
-        "crop_top": crop_top,
-        "crop_left": crop_left,
-        "caption_index": min(int(caption_u * num_captions), num_captions - 1),
-    }
-
-
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float tensor (3, H, W) in [-1, 1], the range the VAE expects."""
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (3, H, W)
-
-
-class ImageCaptionTransform:
-    """Resize, crop, flip and normalise an image, and pick one caption; deterministic per sample.
-
-    The shorter side is resized to ``resolution`` (bicubic, see ``RESAMPLE``), then a
-    ``resolution`` x ``resolution`` window is cut (centre or random), then optionally flipped
-    horizontally. The choices come from :func:`draw_sample_randomness`.
-
-    Args:
-        resolution: side of the square output.
-        center_crop: crop the centre instead of a random window.
-        random_flip: flip horizontally with probability 1/2.
-        seed: the run's data seed (>= 0).
-    """
-
-    def __init__(self, resolution: int, center_crop: bool, random_flip: bool, seed: int):
-        self.resolution = resolution
-        self.center_crop = center_crop
-        self.random_flip = random_flip
-        self.seed = seed
-
-    @classmethod
-    def from_config(cls, config: TrainConfig, seed: int) -> "ImageCaptionTransform":
-        """The transform a run's config asks for."""
-        return cls(config.resolution, config.center_crop, config.random_flip, seed)
-
-    def __call__(
-        self, image: Image.Image, caption: str | list[str], epoch: int, index: int
-    ) -> tuple[torch.Tensor, str]:
-        """Transform one sample.
-
-        Args:
-            image: the decoded RGB image.
-            caption: one caption, or several of which one is chosen.
-            epoch: the current epoch.
-            index: the sample's index.
-
-        Returns:
-            ``(pixel_values, caption)``: a float tensor (3, resolution, resolution) in [-1, 1] and a str.
-
-        Raises:
-            ValueError: the caption is neither a string nor a non-empty list of strings.
-        """
-        captions = _caption_list(caption, index)
-        draws = draw_sample_randomness(
-            self.seed,
-            epoch,
-            index,
-            len(captions),
-            self.resolution,
-            image.size,
-            center_crop=self.center_crop,
-            random_flip=self.random_flip,
-        )
-        size = resized_size(image.size, self.resolution)
-        if image.size != size:
-            image = image.resize(size, resample=RESAMPLE)
-        top, left = draws["crop_top"], draws["crop_left"]
-        image = image.crop((left, top, left + self.resolution, top + self.resolution))
-        if draws["flip"]:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return image_to_tensor(image), captions[draws["caption_index"]]
-
-
-def _caption_list(caption: Any, index: int) -> list[str]:
-    """A caption as a list of candidates; anything but str or a non-empty list of str is an error."""
-    captions = [caption] if isinstance(caption, str) else caption
-    if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
-        raise ValueError(
-            f"Sample {index}: a caption must be a string or a non-empty list of strings; got {caption!r}."
-        )
-    return captions
-
-
-def caption_dropout_mask(seed: int, epoch: int, indices: torch.Tensor | list[int], p: float) -> torch.Tensor:
-    """Which captions to replace by the empty prompt ``""`` (for classifier-free guidance).
-
-    Each sample's coin comes from ``default_rng([seed, epoch, index, 1])``: a stream separate from the
-    transform's, and drawn afresh every epoch.
-
-    Args:
-        seed: the run's data seed (>= 0).
-        epoch: the current epoch.
-        indices: the batch's sample indices, shape (B,).
-        p: the dropout probability.
-
-    Returns:
-        A bool tensor (B,), True where the caption is dropped.
-    """
-    indices = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
-    coins = [np.random.default_rng([seed, epoch, int(i), _DROPOUT_STREAM]).random() for i in indices]
-    return torch.tensor(coins, dtype=torch.float64).lt(p)  # (B,)
-
-
-# ----------------------------------------------------------------------------------------------------
 # Torch datasets and batching
 # ----------------------------------------------------------------------------------------------------
 
@@ -380,7 +157,7 @@ def _make_sample(
     image_column, caption_column = columns
     try:
         image = open_image(row[image_column])
-    except _DECODE_ERRORS as error:
+    except DECODE_ERRORS as error:
         if index not in warned:
             warned.add(index)
             record = row[image_column]
@@ -418,6 +195,11 @@ class TrainDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self._warned: set[int] = set()
 
+    @property
+    def rows(self) -> datasets.Dataset:
+        """The underlying rows (undecoded images and captions)."""
+        return self.dataset
+
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose randomness the next samples use."""
         self.epoch = epoch
@@ -430,6 +212,18 @@ class TrainDataset(torch.utils.data.Dataset):
         return _make_sample(
             self.dataset[index], index, self.epoch, self.transform, self.columns, self._warned
         )
+
+    def captions(self) -> list[list[str]]:
+        """Every row's candidate captions, checked (a bad one raises ValueError naming its row)."""
+        return [caption_list(c, i) for i, c in enumerate(self.dataset[self.columns[1]])]
+
+    def open(self, index: int) -> Image.Image:
+        """Row ``index``'s decoded image; raises one of ``DECODE_ERRORS`` if it cannot be read."""
+        return open_image(self.dataset[index][self.columns[0]])
+
+    def center_pixels(self, index: int) -> torch.Tensor:
+        """Row ``index``'s centre crop, unflipped (3, R, R): what the latent cache encodes."""
+        return self.transform.center_crop_pixels(self.open(index))
 
 
 class StreamingTrainDataset(torch.utils.data.IterableDataset):
@@ -605,3 +399,67 @@ def make_dataloader(
         num_workers=config.dataloader_num_workers,
         collate_fn=collate,
     )
+
+
+class TrainLoader:
+    """The training batches, epoch by epoch, for map-style and streamed datasets alike; resumable mid-epoch.
+
+    The one place that tells the two apart. A map-style dataset's DataLoader is sharded over processes and
+    reshuffled per epoch (``seed + epoch``) by accelerate; a stream is already this process's shard
+    (:func:`build_train_and_heldout`) and is read in order, so accelerate must not see it.
+
+    Args:
+        dataset: a :class:`TrainDataset`, a latent cache's index dataset, or a :class:`StreamingTrainDataset`.
+        collate: batches the samples (:func:`collate_fn`, or the cache's own).
+        config: reads ``train_batch_size`` and ``dataloader_num_workers``.
+        seed: the run's data seed.
+    """
+
+    def __init__(self, dataset, collate: Callable[[list], dict[str, Any]], config: TrainConfig, seed: int):
+        self.dataset = dataset
+        self.streaming = isinstance(dataset, torch.utils.data.IterableDataset)
+        self.batch_size = config.train_batch_size
+        self.dataloader = make_dataloader(dataset, config, seed, collate)
+        self.accelerator = None
+
+    def schedule(self, config: TrainConfig, num_processes: int) -> tuple[int, int]:
+        """(max_train_steps, num_train_epochs) for this data: a stream runs until max_train_steps.
+
+        Call before `prepare` (the length is the unsharded one).
+        """
+        if self.streaming:
+            return config.max_train_steps, config.num_train_epochs
+        batches_per_epoch = math.ceil(len(self.dataloader) / num_processes)
+        steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
+        max_train_steps = config.max_train_steps
+        if max_train_steps is None:
+            max_train_steps = config.num_train_epochs * steps_per_epoch
+        return max_train_steps, math.ceil(max_train_steps / steps_per_epoch)
+
+    def prepare(self, accelerator, *objects):
+        """``accelerator.prepare(*objects)``, with the map-style DataLoader in the same call (DeepSpeed needs it
+        there to size its micro-batch); returns the prepared objects."""
+        self.accelerator = accelerator
+        if self.streaming:
+            return accelerator.prepare(*objects)
+        *prepared, self.dataloader = accelerator.prepare(*objects, self.dataloader)
+        return prepared
+
+    def epochs(self, first_epoch: int, num_train_epochs: int) -> Iterable[int]:
+        """The epochs to run from `first_epoch` on (a stream has no end of its own)."""
+        return itertools.count(first_epoch) if self.streaming else range(first_epoch, num_train_epochs)
+
+    def batches(self, epoch: int, skip_batches: int = 0) -> Iterable[dict[str, Any]]:
+        """This process's batches of `epoch`, after the first `skip_batches` of them (already trained on)."""
+        self.dataset.set_epoch(epoch)
+        if self.streaming:
+            self.dataset.set_resume_position(skip_batches, self.batch_size)
+            return self.dataloader
+        self.dataloader.set_epoch(epoch)
+        if skip_batches:
+            return self.accelerator.skip_first_batches(self.dataloader, skip_batches)
+        return self.dataloader
+
+    def epoch_over(self, batches_done: int) -> bool:
+        """Whether this process has had every batch of the epoch (never for a stream)."""
+        return not self.streaming and batches_done >= len(self.dataloader)

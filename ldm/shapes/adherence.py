@@ -1,7 +1,7 @@
 """Prompt adherence of a text-to-image pipeline on the held-out prompts of the shapes dataset, per guidance scale.
 
-Every held-out prompt names a shape, a colour and a position (:mod:`ldm.synthetic`). The pipeline draws one image
-per (prompt, seed) at each guidance scale s, :func:`ldm.detector.detect` reads the three attributes back from the
+Every held-out prompt names a shape, a colour and a position (:mod:`ldm.shapes.synthetic`). The pipeline draws one image
+per (prompt, seed) at each guidance scale s, :func:`ldm.shapes.detector.detect` reads the three attributes back from the
 pixels, and the score of a scale is the fraction of images whose shape, colour, position, or all three at once,
 match the prompt. Image (prompt i, seed k) starts from the same noise x_T at every scale, so the scales are
 compared on identical starting points and differ only in eps_hat = eps_uncond + s * (eps_cond - eps_uncond).
@@ -17,14 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import PIL.Image
-import torch
 from tqdm.auto import tqdm
 
-from ldm.detector import detect
 from ldm.images import image_grid
-from ldm.synthetic import COLORS, POSITIONS, SHAPES
+from ldm.seeding import keyed_generator
+from ldm.shapes.detector import detect
+from ldm.shapes.synthetic import COLORS, POSITIONS, SHAPES
 
 ATTRIBUTES = ("shape", "color", "position")
 SCORES = (*ATTRIBUTES, "all")
@@ -52,7 +51,7 @@ def _prompt_row_problem(row: Any) -> str | None:
 
 
 def load_heldout_prompts(path: str | Path) -> list[dict]:
-    """Read the held-out prompts that :func:`ldm.synthetic.generate_dataset` writes.
+    """Read the held-out prompts that :func:`ldm.shapes.synthetic.generate_dataset` writes.
 
     Args:
         path: A ``heldout_prompts.jsonl``: one JSON object per line with ``prompt``, ``shape``, ``color`` and
@@ -69,7 +68,7 @@ def load_heldout_prompts(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"No held-out prompt file at {path}; generate one with `python -m ldm.synthetic --out_dir ...`, "
+            f"No held-out prompt file at {path}; generate one with `python -m ldm.shapes.synthetic --out_dir ...`, "
             "which writes heldout_prompts.jsonl."
         )
     rows = []
@@ -96,16 +95,6 @@ def load_heldout_prompts(path: str | Path) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 
 
-def sample_generator(seed: int, prompt_index: int) -> torch.Generator:
-    """A fresh CPU generator seeded from (seed, prompt_index) alone: the same x_T at every guidance scale.
-
-    CPU generators give the same noise whatever device the pipeline runs on; SeedSequence keeps the streams of
-    neighbouring (seed, index) pairs unrelated.
-    """
-    state = np.random.SeedSequence([seed, prompt_index]).generate_state(1)[0]
-    return torch.Generator().manual_seed(int(state))
-
-
 def _generate(
     pipe,
     prompts: Sequence[dict],
@@ -123,7 +112,8 @@ def _generate(
             [prompts[i]["prompt"] for i, _ in batch],
             guidance_scale=guidance_scale,
             num_inference_steps=num_inference_steps,
-            generator=[sample_generator(seed, i) for i, seed in batch],
+            # CPU generators keyed by (seed, prompt) alone: the same x_T at every guidance scale, on any device.
+            generator=[keyed_generator(seed, i) for i, seed in batch],
             output_type="pil",
         ).images
         if len(out) != len(batch):
@@ -191,7 +181,7 @@ def evaluate_adherence(
 ) -> dict:
     """Score how often the pipeline draws what each held-out prompt asks for, at each guidance scale.
 
-    Image (prompt i, seed k) is drawn from a generator seeded with (k, i) (:func:`sample_generator`), so it starts
+    Image (prompt i, seed k) is drawn from a generator seeded with (k, i) (:func:`ldm.seeding.keyed_generator`), so it starts
     from the same noise at every scale and in every call: with a deterministic sampler (DDIM, eta = 0) the same
     call twice gives the same numbers. Images have the pipeline's default height and width. The pipeline's own
     per-call progress bar is switched off (``pipe.set_progress_bar_config(disable=True)``, which stays set) and

@@ -1,6 +1,6 @@
 """Read the shape, colour and position of a solid shape back from pixels.
 
-A deterministic, pure-numpy detector for the images of :mod:`ldm.synthetic`, meant to score images that a
+A deterministic, pure-numpy detector for the images of :mod:`ldm.shapes.synthetic`, meant to score images that a
 text-to-image model generated from the same captions. It tolerates what such images look like: soft
 edges, mild noise, slightly off-palette colours and small stray blobs.
 
@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 from PIL import Image
 
-from ldm.synthetic import COLORS
+from ldm.shapes.synthetic import COLORS
 
 # A pixel counts as foreground at first sight if it is this far (RGB units, 0-255) from the background;
 # well above mild noise (sigma 10 per channel rarely reaches 40), well below any palette colour (>= 230).

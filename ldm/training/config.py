@@ -1,25 +1,31 @@
-"""Training configuration: one typed dataclass, loaded from YAML with ``--key value`` overrides.
+"""Run configurations: typed dataclasses loaded from YAML with ``--key value`` overrides.
 
-A run is described by a YAML file whose keys are the fields of :class:`TrainConfig`; any field can be
+A run is described by a YAML file whose keys are the fields of its dataclass (:class:`TrainConfig` for
+``train/train_ldm.py``, ``ldm.training.vae.VaeTrainConfig`` for ``train/train_vae.py``); any field can be
 overridden on the command line::
 
     python train/train_ldm.py --config configs/run.yaml --learning_rate 5e-5 --use_ema --validation_prompts "a cat" "a dog"
 
-Field names are the flag names of diffusers' ``examples/text_to_image/train_text_to_image.py`` wherever
-the feature is shared, so its command lines keep working. Every key must name a field and every value
-must match the field's annotation; anything else fails at start-up with a ``ValueError`` that says what
-was expected. The resolved config is written next to each checkpoint with :func:`save_config`.
+The command line is parsed by transformers' ``HfArgumentParser`` (argparse built from the dataclass): bare
+boolean flags (``--use_ema``), several values for list fields, choices for ``Literal`` fields. Field names are the
+flag names of diffusers' ``examples/text_to_image/train_text_to_image.py`` wherever the feature is shared, so its
+command lines keep working. Every key must name a field and every value must match the field's annotation;
+anything else fails at start-up with a ``ValueError`` that names the key. The resolved config is written next to
+each checkpoint with :func:`save_config`.
 """
 
+import argparse
 import dataclasses
 import difflib
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
+from transformers import HfArgumentParser
 
 from ldm.presets import PRESETS
 
@@ -32,14 +38,18 @@ MixedPrecision = Literal["no", "fp16", "bf16"]
 PredictionType = Literal["epsilon", "v_prediction"]
 ReportTo = Literal["tensorboard", "wandb", "all", "none"]
 
-_TRUE_WORDS = ("true", "1")
-_FALSE_WORDS = ("false", "0")
 _NONE_WORDS = ("none", "null")
 _HUB_TOKEN_MESSAGE = (
     "hub_token is not a config option: a token must never be saved with the run's config. "
     "Log in once with `hf auth login` (formerly `huggingface-cli login`) or set the HF_TOKEN "
     "environment variable instead."
 )
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ValueError(message) unless condition holds."""
+    if not condition:
+        raise ValueError(message)
 
 
 @dataclass
@@ -123,47 +133,49 @@ class TrainConfig:
         Raises:
             ValueError: naming the first field or rule that is violated and how to fix it.
         """
-        hints = _field_types()
-        for field in dataclasses.fields(self):
-            setattr(self, field.name, _check_type(field.name, getattr(self, field.name), hints[field.name]))
+        check_fields(self)
 
-        _require(
+        require(
             self.pretrained_model_name_or_path is not None,
             "pretrained_model_name_or_path is required: the VAE, text encoder and tokenizer (and the UNet "
             "unless unet_preset is set) are loaded from it.",
         )
-        _require(
+        require(
             self.unet_preset is None or self.unet_preset in PRESETS,
             f"unet_preset {self.unet_preset!r} is not a model preset; choose one of {sorted(PRESETS)}.",
         )
-        _require(
+        require(
             (self.dataset_name is None) != (self.train_data_dir is None),
             "Give exactly one of dataset_name (a Hub dataset) or train_data_dir (a local folder); got "
             f"dataset_name={self.dataset_name!r}, train_data_dir={self.train_data_dir!r}.",
         )
-        _require(
+        require(
+            not self.streaming or self.max_train_steps is not None,
+            "With streaming=true the dataset has no length, so the run cannot know when to stop; set max_train_steps.",
+        )
+        require(
             self.resolution > 0 and self.resolution % 8 == 0,
             f"resolution must be a positive multiple of 8 (the VAE downsamples by 8); got {self.resolution}.",
         )
-        _require(
+        require(
             0.0 <= self.caption_dropout < 1.0,
             f"caption_dropout is a probability in [0, 1); got {self.caption_dropout}.",
         )
-        _require(self.train_batch_size >= 1, f"train_batch_size must be >= 1; got {self.train_batch_size}.")
-        _require(
+        require(self.train_batch_size >= 1, f"train_batch_size must be >= 1; got {self.train_batch_size}.")
+        require(
             self.gradient_accumulation_steps >= 1,
             f"gradient_accumulation_steps must be >= 1; got {self.gradient_accumulation_steps}.",
         )
         # numpy (and so accelerate.set_seed) only takes seeds in [0, 2**32).
-        _require(
+        require(
             self.seed is None or 0 <= self.seed < 2**32,
             f"seed must be in [0, 2**32); got {self.seed}.",
         )
-        _require(
+        require(
             not self.push_to_hub or self.hub_model_id is not None,
             "push_to_hub needs hub_model_id (e.g. --hub_model_id your-name/your-model).",
         )
-        _require(
+        require(
             not self.hub_push_checkpoints or self.push_to_hub,
             "hub_push_checkpoints needs push_to_hub (add --push_to_hub and --hub_model_id).",
         )
@@ -173,48 +185,49 @@ class TrainConfig:
 # Loading and saving
 # ----------------------------------------------------------------------------------------------------
 
+Config = TypeVar("Config")
 
-def load_config(argv: list[str] | None = None) -> TrainConfig:
-    """Build a validated TrainConfig from an optional YAML file and command-line overrides.
+
+def load_config(argv: list[str] | None = None, config_class: type[Config] = TrainConfig) -> Config:
+    """Build a validated config from an optional YAML file and command-line overrides.
 
     Args:
         argv: command-line tokens without the program name; ``None`` reads ``sys.argv[1:]``.
             ``--config path.yaml`` is read first, then every ``--key value`` / ``--key=value``
             overrides it. A bare ``--flag`` sets a bool field to True; list fields take several
-            values; optional fields accept ``none``/``null``.
+            values; optional fields accept ``none``/``null``. ``--help`` prints every option and exits.
+        config_class: the dataclass to fill (``TrainConfig``, or ``ldm.training.vae.VaeTrainConfig``), which has
+            a ``validate()`` method.
 
     Returns:
-        The resolved config, already checked by :meth:`TrainConfig.validate`.
+        The resolved config, already checked by its ``validate``.
 
     Raises:
         ValueError: for an unknown key, a value of the wrong type, a ``hub_token``, or a broken rule.
     """
-    if argv is None:
-        import sys
-
-        argv = sys.argv[1:]
-    options = _split_argv(argv)
-    if any(key in ("h", "help") for key, _ in options):
-        print(_usage())
-        raise SystemExit(0)
-
-    config_paths = [texts for key, texts in options if key == "config"]
-    if len(config_paths) > 1 or any(len(texts) != 1 for texts in config_paths):
-        raise ValueError(f"--config takes exactly one YAML path, given once; got {config_paths}.")
-    values: dict[str, Any] = _read_yaml(config_paths[0][0]) if config_paths else {}
-
-    hints = _field_types()
-    for key, texts in options:
-        if key != "config":
-            _check_key(key, "the command line")
-            values[key] = _parse_cli_value(key, texts, hints[key])
-
-    config = TrainConfig(**values)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    parser = _ConfigParser(config_class)
+    if known.config is not None:
+        parser.set_defaults(**_read_yaml(known.config, config_class))
+    try:
+        config, _, remaining = parser.parse_args_into_dataclasses(
+            argv, return_remaining_strings=True, look_for_args_file=False
+        )
+    except argparse.ArgumentError as err:
+        key = (err.argument_name or "").split("/")[0].lstrip("-")
+        raise ValueError(f"Config key {key!r} on the command line: {err.message}") from None
+    if remaining:
+        _refuse_unparsed(remaining, config_class)
+    for name in _list_fields(config_class):
+        if getattr(config, name) == [None]:  # `--validation_prompts none`
+            setattr(config, name, None)
     config.validate()
     return config
 
 
-def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
+def save_config(config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML that :func:`load_config` reads back to an equal config.
 
     Args:
@@ -226,76 +239,64 @@ def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
         yaml.safe_dump(dataclasses.asdict(config), f, sort_keys=False, allow_unicode=True)
 
 
-def _read_yaml(path: str) -> dict[str, Any]:
-    """Read a YAML mapping and type-check each of its keys against TrainConfig."""
+class _ConfigParser(HfArgumentParser):
+    """HfArgumentParser over one config dataclass, where ``X | None`` fields also take ``none``/``null``.
+
+    HfArgumentParser types an ``int | None`` field as plain ``int``, so ``--seed none`` could not clear a value
+    that the YAML file set; this wraps the converter of each optional field as argparse registers it.
+    """
+
+    def __init__(self, config_class: type):
+        self.optional_fields = {
+            name for name, hint in _field_types(config_class).items() if _unwrap_optional(hint)[1]
+        }
+        # allow_abbrev=False: `--learning_rat` must be an unknown key, not a prefix of learning_rate.
+        super().__init__(config_class, allow_abbrev=False, exit_on_error=False)
+        self.add_argument("--config", help="a YAML file of key: value, read before the other flags")
+
+    def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:
+        """argparse's add_argument, with a none/null-accepting converter for optional fields."""
+        if names and names[0].removeprefix("--") in self.optional_fields and "type" in kwargs:
+            kwargs["type"] = _none_or(kwargs["type"])
+            if "choices" in kwargs:
+                kwargs["choices"] = (*kwargs["choices"], None)
+        return super().add_argument(*names, **kwargs)
+
+
+def _none_or(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A converter that reads none/null (any case) as None and anything else with `convert`."""
+
+    def parse(text: str) -> Any:
+        return None if text.lower() in _NONE_WORDS else convert(text)
+
+    parse.__name__ = f"{getattr(convert, '__name__', 'value')} or none"
+    return parse
+
+
+def _refuse_unparsed(remaining: list[str], config_class: type) -> None:
+    """Raise for the first command-line token argparse could not place: an unknown key or an extra value."""
+    token = remaining[0]
+    if token.startswith("--"):
+        _check_key(token[2:].partition("=")[0], "the command line", config_class)
+    lists = ", ".join(f"--{name}" for name in _list_fields(config_class))
+    raise ValueError(
+        f"Unexpected value {token!r} on the command line: an option takes exactly one value, except the list "
+        f"options ({lists}), which take several."
+    )
+
+
+def _read_yaml(path: str, config_class: type) -> dict[str, Any]:
+    """Read a YAML mapping and type-check each of its keys against the config class."""
     with open(path, encoding="utf-8") as f:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
         raise ValueError(f"Config file {path} must hold a mapping of key: value; got {type(data).__name__}.")
-    hints = _field_types()
+    hints = _field_types(config_class)
     checked = {}
     for key, value in data.items():
-        _check_key(str(key), f"config file {path}")
+        _check_key(str(key), f"config file {path}", config_class)
         checked[key] = _check_type(key, value, hints[key], source=f"config file {path}")
     return checked
-
-
-# ----------------------------------------------------------------------------------------------------
-# Command-line tokens
-# ----------------------------------------------------------------------------------------------------
-
-
-def _split_argv(argv: list[str]) -> list[tuple[str, list[str]]]:
-    """Group tokens into (key, values) pairs: each ``--key`` takes the tokens up to the next ``--``."""
-    options: list[tuple[str, list[str]]] = []
-    for token in argv:
-        if token in ("-h", "--help"):
-            options.append(("help", []))
-        elif token.startswith("--"):
-            key, has_value, value = token[2:].partition("=")
-            options.append((key, [value] if has_value else []))
-        elif options:
-            options[-1][1].append(token)
-        else:
-            raise ValueError(f"Unexpected argument {token!r}: options are written --key value.")
-    return options
-
-
-def _parse_cli_value(key: str, texts: list[str], annotation: Any) -> Any:
-    """Turn the strings given after ``--key`` into a value of the field's type."""
-    base, optional = _unwrap_optional(annotation)
-    if optional and len(texts) == 1 and texts[0].lower() in _NONE_WORDS:
-        return None
-    if typing.get_origin(base) is list:
-        if not texts:
-            raise ValueError(f"--{key} needs at least one value ({_describe(annotation)}).")
-        return list(texts)
-    if not texts and base is bool:
-        return True  # a bare store_true flag, as in diffusers' scripts
-    if len(texts) != 1:
-        raise ValueError(f"--{key} takes exactly one value ({_describe(annotation)}); got {texts}.")
-    text = texts[0]
-    try:
-        if base is bool:
-            value: Any = _parse_bool(text)
-        elif base is int:
-            value = int(text)
-        elif base is float:
-            value = float(text)
-        else:
-            value = text
-    except ValueError:
-        raise ValueError(_type_error(key, text, annotation, "the command line")) from None
-    return _check_type(key, value, annotation, source="the command line")
-
-
-def _parse_bool(text: str) -> bool:
-    """Read true/false/1/0 (any case)."""
-    if text.lower() in _TRUE_WORDS:
-        return True
-    if text.lower() in _FALSE_WORDS:
-        return False
-    raise ValueError(text)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -303,16 +304,29 @@ def _parse_bool(text: str) -> bool:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _field_types() -> dict[str, Any]:
-    """Resolved annotations of TrainConfig's fields."""
-    return typing.get_type_hints(TrainConfig)
+def _field_types(config_class: type) -> dict[str, Any]:
+    """Resolved annotations of a config dataclass's fields."""
+    return typing.get_type_hints(config_class)
 
 
-def _check_key(key: str, source: str) -> None:
-    """Fail unless ``key`` names a TrainConfig field, suggesting the closest one."""
+def _list_fields(config_class: type) -> list[str]:
+    """The fields that take several values."""
+    hints = _field_types(config_class)
+    return [name for name in hints if typing.get_origin(_unwrap_optional(hints[name])[0]) is list]
+
+
+def check_fields(config: Any) -> None:
+    """Type-check every field of a config in place (ints widened to float), naming the first bad one."""
+    hints = _field_types(type(config))
+    for f in dataclasses.fields(config):
+        setattr(config, f.name, _check_type(f.name, getattr(config, f.name), hints[f.name]))
+
+
+def _check_key(key: str, source: str, config_class: type) -> None:
+    """Fail unless ``key`` names a field of the config class, suggesting the closest one."""
     if key == "hub_token":
         raise ValueError(_HUB_TOKEN_MESSAGE)
-    valid = [field.name for field in dataclasses.fields(TrainConfig)]
+    valid = [f.name for f in dataclasses.fields(config_class)]
     if key in valid:
         return
     close = difflib.get_close_matches(key, valid, n=1)
@@ -374,18 +388,3 @@ def _describe(annotation: Any) -> str:
 def _type_error(key: str, value: Any, annotation: Any, source: str) -> str:
     """The message for a value that does not match its field's type."""
     return f"Config key {key!r} expects {_describe(annotation)}, but {source} gives {value!r}."
-
-
-def _require(condition: bool, message: str) -> None:
-    """Raise ValueError(message) unless condition holds."""
-    if not condition:
-        raise ValueError(message)
-
-
-def _usage() -> str:
-    """One line per option: name, type and default."""
-    hints = _field_types()
-    lines = ["Options (each may also be set in the --config YAML file):", "  --config PATH.yaml"]
-    for field in dataclasses.fields(TrainConfig):
-        lines.append(f"  --{field.name}  {_describe(hints[field.name])}  (default: {field.default!r})")
-    return "\n".join(lines)

@@ -3,7 +3,7 @@
 Saved in the pipeline layout (`tokenizer/`, `text_encoder/`) next to a VAE and a scheduler, it forms the base
 folder `train_ldm.py` loads with `--pretrained_model_name_or_path`, exactly as it would load Stable Diffusion.
 
-    python -m ldm.text_stack --captions DATA/train/metadata.jsonl --vae VAE_DIR --out_dir BASE_DIR
+    python -m ldm.shapes.text_stack --captions DATA/train/metadata.jsonl --vae VAE_DIR --out_dir BASE_DIR
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     if out_dir.exists() and any(out_dir.iterdir()):
         if not stamp_path.exists():
             raise ValueError(
-                f"--out_dir {out_dir} is not empty and was not written by ldm.text_stack; choose another."
+                f"--out_dir {out_dir} is not empty and was not written by ldm.shapes.text_stack; choose another."
             )
         shutil.rmtree(out_dir)
     captions = read_captions(args.captions, args.caption_column)

@@ -3,7 +3,7 @@
 Every image holds one solid shape on a plain background, described by three attributes drawn from
 small fixed vocabularies: its shape (``SHAPES``), its colour (``COLORS``) and its position
 (``POSITIONS``). Captions are built from a closed word list (``CAPTION_WORDS``), so a word-level
-tokenizer covers them exactly, and :mod:`ldm.detector` reads the three attributes back from pixels,
+tokenizer covers them exactly, and :mod:`ldm.shapes.detector` reads the three attributes back from pixels,
 which turns "does the model follow the prompt" into a number.
 
 The dataset is written as a Hugging Face ``datasets`` "imagefolder"::
@@ -15,7 +15,7 @@ The dataset is written as a Hugging Face ``datasets`` "imagefolder"::
 
 Command line::
 
-    python -m ldm.synthetic --out_dir data/shapes --num_images 10000 --resolution 32 --seed 0
+    python -m ldm.shapes.synthetic --out_dir data/shapes --num_images 10000 --resolution 32 --seed 0
 
 Captions can be made noisy on purpose (``caption_noise``), as web alt-text is: a chosen fraction of training
 captions misname one attribute of their image. The ``shape``/``color``/``position`` columns always describe

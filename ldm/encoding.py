@@ -1,0 +1,68 @@
+"""What the frozen models compute for sampling and training alike: text embeddings and latent scaling.
+
+`LatentPipeline` and the training batch encoders both call these, so the unconditional input that caption dropout
+trains on is exactly the one guidance uses, and latents are scaled on the way in exactly as they are unscaled on
+the way out.
+
+Notation: z a VAE latent (B, C, H/f, W/f) with f = `vae_scale_factor`; x_0 = (z - shift) * scaling_factor the
+unit-variance latent the diffusion model works on (Rombach et al. 2022, sec. 4.3 and App. G).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from diffusers.utils import logging
+from transformers import CLIPTextModel, CLIPTokenizer
+
+logger = logging.get_logger(__name__)
+
+
+def vae_scale_factor(vae_config: Mapping) -> int:
+    """Pixels per latent along each side: 2 per down block but the last (8 for Stable Diffusion's VAE).
+
+    Args:
+        vae_config: an `AutoencoderKL` config (`vae.config`) or the plain dict of a preset's VAE arguments.
+    """
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def scale_latents(z: torch.Tensor, vae) -> torch.Tensor:
+    """VAE latents to the diffusion model's unit-variance space: x_0 = (z - shift) * scaling_factor."""
+    shift = getattr(vae.config, "shift_factor", None)
+    return ((z - shift) if shift is not None else z) * vae.config.scaling_factor
+
+
+def unscale_latents(latents: torch.Tensor, vae) -> torch.Tensor:
+    """The inverse of `scale_latents`: z = x_0 / scaling_factor + shift, what the VAE decoder takes."""
+    z = latents / vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None)
+    return z + shift if shift is not None else z
+
+
+def encode_text(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, texts: list[str]) -> torch.Tensor:
+    """CLIP last hidden states (B, model_max_length, D), as Stable Diffusion conditions on them.
+
+    Prompts longer than the tokenizer's `model_max_length` are truncated, with a warning naming them.
+    """
+    tokens = tokenizer(
+        texts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    untruncated = tokenizer(texts, padding="longest", return_tensors="pt").input_ids
+    if untruncated.shape[-1] > tokens.input_ids.shape[-1]:
+        logger.warning(
+            "Prompts longer than the tokenizer's model_max_length=%d tokens were truncated: %s",
+            tokenizer.model_max_length,
+            texts,
+        )
+    attention_mask = None
+    # SD's CLIP attends over padding; only encoders configured for masks (not CLIP) get one.
+    if getattr(text_encoder.config, "use_attention_mask", False):
+        attention_mask = tokens.attention_mask.to(text_encoder.device)
+    hidden = text_encoder(tokens.input_ids.to(text_encoder.device), attention_mask=attention_mask)[0]
+    return hidden.to(dtype=text_encoder.dtype)

@@ -1,0 +1,84 @@
+"""What running on several processes needs: one gloo group on CPU, FSDP gathering, a replica check, a clean exit."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import datasets
+import torch
+import transformers
+from accelerate import Accelerator, DistributedType
+from accelerate.logging import get_logger
+from diffusers import UNet2DConditionModel
+
+logger = get_logger(__name__)
+
+
+def use_gloo_without_cuda() -> None:
+    """Processes started by `accelerate launch --multi_gpu` on a machine without CUDA train together on the CPU.
+
+    Accelerate otherwise gives each of them a world of its own (DistributedType.NO), so they would silently
+    train separate models; with ACCELERATE_USE_CPU set they form one gloo process group. Call before creating
+    the Accelerator.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+
+
+def setup_logging(accelerator: Accelerator) -> None:
+    """INFO logging with timestamps; datasets and transformers speak on the local main process only."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not accelerator.is_local_main_process:
+        datasets.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+
+
+def weight_dtype_for(accelerator: Accelerator) -> torch.dtype:
+    """The dtype the frozen models run in: half precision under fp16/bf16 mixed precision, else fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def full_unet(accelerator: Accelerator, unet) -> UNet2DConditionModel | None:
+    """The trained UNet as one plain module on the main process (a collective call: run it on every process).
+
+    Under FSDP the parameters are sharded, so they are gathered first; elsewhere this is just the unwrapped model.
+    """
+    if accelerator.distributed_type == DistributedType.FSDP:
+        state = accelerator.get_state_dict(unet)
+        if not accelerator.is_main_process:
+            return None
+        module = UNet2DConditionModel.from_config(accelerator.unwrap_model(unet).config)
+        module.load_state_dict(state)
+        return module.to(accelerator.device)
+    return accelerator.unwrap_model(unet)
+
+
+def check_replicas_in_sync(accelerator: Accelerator, unet) -> None:
+    """Every process must end with the same UNet weights; a mismatch means data-parallel training went wrong."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return  # each process holds a different shard by design
+    params = accelerator.unwrap_model(unet).parameters()
+    checksum = torch.stack([p.detach().double().sum() for p in params]).sum().view(1).to(accelerator.device)
+    sums = accelerator.gather(checksum).tolist()
+    if len(set(sums)) != 1:
+        raise RuntimeError(f"UNet weights differ across processes (parameter sums {sums}).")
+    logger.info(
+        f"UNet weights identical on all {accelerator.num_processes} processes (checksum {sums[0]:.10e})."
+    )
+
+
+def total_over_processes(accelerator: Accelerator, count: int) -> int:
+    """The sum of a per-process count over all processes (a collective call)."""
+    return int(accelerator.reduce(torch.tensor(count, device=accelerator.device), "sum"))
+
+
+def finish(accelerator: Accelerator) -> None:
+    """End the run on every process: a barrier, then `end_training`.
+
+    Every rank waits at the barrier with the GIL released, which gives gloo's worker threads time to drop the last
+    collective's tensors before DDP's reducer and the process group are torn down: a worker still holding them at
+    exit needs the GIL that the teardown holds, and the process hangs (seen once on CPU in CI; pytorch#56297).
+    """
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
