@@ -8,6 +8,7 @@ import yaml
 from diffusers.optimization import SchedulerType
 
 from ldm.training.config import LrScheduler, TrainConfig, load_config, save_config
+from ldm.training.vae import VaeTrainConfig
 
 REQUIRED = ["--pretrained_model_name_or_path", "some/model", "--dataset_name", "some/data"]
 
@@ -188,3 +189,29 @@ def test_save_load_round_trip(tmp_path):
     path = tmp_path / "nested" / "config.yaml"
     save_config(config, path)
     assert load_config(["--config", str(path)]) == config
+
+
+def test_vae_config_reads_yaml_and_flags_the_same_way(tmp_path):
+    path = tmp_path / "vae.yaml"
+    path.write_text("train_data_dir: data\nvae_preset: tiny\nresolution: 16\nlearning_rate: 2e-4\n")
+    config = load_config(
+        ["--config", str(path), "--use_discriminator", "--max_train_steps", "2000"], VaeTrainConfig
+    )
+    assert (config.train_data_dir, config.resolution, config.learning_rate) == ("data", 16, 2e-4)
+    # The discriminator's defaults are filled in once it is switched on.
+    assert config.use_discriminator and (config.disc_start_step, config.disc_weight_mode) == (
+        1000,
+        "adaptive",
+    )
+    with pytest.raises(ValueError, match="'vae_presett'.*Did you mean 'vae_preset'"):
+        load_config(["--config", str(path), "--vae_presett", "tiny"], VaeTrainConfig)
+    with pytest.raises(ValueError, match="not divisible by the downsampling factor 2"):
+        load_config(["--config", str(path), "--resolution", "15"], VaeTrainConfig)
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_config(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(f"--{field.name}" in text for field in dataclasses.fields(TrainConfig))

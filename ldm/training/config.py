@@ -52,6 +52,23 @@ def require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def check_preset(field: str, name: str | None) -> None:
+    """A preset field holds None or the name of a model preset."""
+    require(
+        name is None or name in PRESETS,
+        f"{field} {name!r} is not a model preset; choose one of {sorted(PRESETS)}.",
+    )
+
+
+def check_data_source(dataset_name: str | None, train_data_dir: str | None) -> None:
+    """Exactly one data source: a Hub dataset or a local folder."""
+    require(
+        (dataset_name is None) != (train_data_dir is None),
+        "Give exactly one of dataset_name (a Hub dataset) or train_data_dir (a local folder); got "
+        f"dataset_name={dataset_name!r}, train_data_dir={train_data_dir!r}.",
+    )
+
+
 @dataclass
 class TrainConfig:
     """Every option of a training run; see the module docstring for how it is loaded."""
@@ -140,15 +157,8 @@ class TrainConfig:
             "pretrained_model_name_or_path is required: the VAE, text encoder and tokenizer (and the UNet "
             "unless unet_preset is set) are loaded from it.",
         )
-        require(
-            self.unet_preset is None or self.unet_preset in PRESETS,
-            f"unet_preset {self.unet_preset!r} is not a model preset; choose one of {sorted(PRESETS)}.",
-        )
-        require(
-            (self.dataset_name is None) != (self.train_data_dir is None),
-            "Give exactly one of dataset_name (a Hub dataset) or train_data_dir (a local folder); got "
-            f"dataset_name={self.dataset_name!r}, train_data_dir={self.train_data_dir!r}.",
-        )
+        check_preset("unet_preset", self.unet_preset)
+        check_data_source(self.dataset_name, self.train_data_dir)
         require(
             not self.streaming or self.max_train_steps is not None,
             "With streaming=true the dataset has no length, so the run cannot know when to stop; set max_train_steps.",

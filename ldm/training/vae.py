@@ -24,7 +24,7 @@ from torch import nn
 
 from ldm.encoding import vae_scale_factor
 from ldm.presets import PRESETS
-from ldm.training.config import MixedPrecision, check_fields, require
+from ldm.training.config import MixedPrecision, check_data_source, check_fields, check_preset, require
 
 ReconLoss = Literal["l1", "l2"]
 
@@ -105,15 +105,8 @@ class VaeTrainConfig:
             "Give exactly one of --vae_preset (train a new VAE) or --pretrained_vae (fine-tune one); got "
             f"vae_preset={self.vae_preset!r}, pretrained_vae={self.pretrained_vae!r}.",
         )
-        require(
-            self.vae_preset is None or self.vae_preset in PRESETS,
-            f"--vae_preset {self.vae_preset!r} is not a model preset; choose one of {sorted(PRESETS)}.",
-        )
-        require(
-            (self.dataset_name is None) != (self.train_data_dir is None),
-            "Give exactly one of --dataset_name or --train_data_dir; got "
-            f"dataset_name={self.dataset_name!r}, train_data_dir={self.train_data_dir!r}.",
-        )
+        check_preset("--vae_preset", self.vae_preset)
+        check_data_source(self.dataset_name, self.train_data_dir)
         require(self.resolution > 0, f"--resolution must be positive; got {self.resolution}.")
         if self.vae_preset is not None:
             check_vae_resolution(
