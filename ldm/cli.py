@@ -7,13 +7,14 @@ from pathlib import Path
 
 import torch
 
+from ldm.checks import check_count, check_guidance, check_image_size
 from ldm.images import image_grid
 from ldm.pipeline import LatentPipeline
 from ldm.schedulers import SCHEDULERS, scheduler_from_name
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line arguments of ldm-generate."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ldm-generate."""
     parser = argparse.ArgumentParser(prog="ldm-generate", description="Generate images from text prompts.")
     parser.add_argument("prompts", nargs="+", help="One or more prompts.")
     parser.add_argument("--model", required=True, help="Pipeline folder or Hub repository id.")
@@ -31,13 +32,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", default="out.png", help="PNG path: one image, or a grid of all of them.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser.parse_args(argv)
+    return parser
+
+
+def load_checked(parser: argparse.ArgumentParser, args: argparse.Namespace) -> LatentPipeline:
+    """Check the flags, then load the pipeline; a problem exits 2 with one line that names the flag."""
+    try:
+        check_count("--steps", args.steps, example=50)
+        check_count("--num", args.num, example=1)
+        check_guidance(args.guidance, name="--guidance")
+    except ValueError as err:
+        parser.error(str(err))
+    try:
+        pipe = LatentPipeline.from_pretrained(args.model)
+    except (OSError, ValueError) as err:
+        parser.error(f"--model {args.model}: {str(err).strip().splitlines()[0]}")
+    try:
+        for flag, size in (("--height", args.height), ("--width", args.width)):
+            if size is not None:
+                check_image_size(flag, size, pipe.vae_scale_factor)
+    except ValueError as err:
+        parser.error(str(err))
+    return pipe
 
 
 def main(argv: list[str] | None = None) -> None:
     """Load the pipeline, generate, and write one PNG (a grid with one row per prompt when several images)."""
-    args = parse_args(argv)
-    pipe = LatentPipeline.from_pretrained(args.model)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    pipe = load_checked(parser, args)
     pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
     pipe.to(args.device)
     total = len(args.prompts) * args.num

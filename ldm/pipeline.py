@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +25,15 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ldm.checks import (
+    check_components_fit,
+    check_count,
+    check_eta,
+    check_guidance,
+    check_image_size,
+    check_pipeline_folder,
+    check_prompts,
+)
 from ldm.encoding import encode_text, unscale_latents, vae_scale_factor
 from ldm.hub import upload_pipeline
 from ldm.tokenizer import write_vocab_files
@@ -101,8 +109,17 @@ class LatentPipeline(DiffusionPipeline):
 
         Stable Diffusion's extra components (safety checker, feature extractor, image encoder) are not loaded.
         Keyword arguments are those of `DiffusionPipeline.from_pretrained` (`torch_dtype`, `scheduler`, ...).
+
+        Raises:
+            ValueError: a local folder lacks a component's subfolder, or the components do not fit together
+                (cross-attention width vs text hidden size, UNet input channels vs VAE latent channels).
         """
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        check_pipeline_folder(pretrained_model_name_or_path, SD_EXTRA_COMPONENTS)
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        check_components_fit(
+            pipe.unet, pipe.text_encoder, pipe.vae, source=str(pretrained_model_name_or_path)
+        )
+        return pipe
 
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
@@ -212,33 +229,13 @@ class LatentPipeline(DiffusionPipeline):
             ValueError or TypeError naming the offending value and how to fix it.
         """
         f = self.vae_scale_factor
-        for name, size in (("height", height), ("width", width)):
-            if not isinstance(size, int) or size <= 0 or size % f != 0:
-                raise ValueError(
-                    f"{name}={size!r} must be a positive multiple of the VAE scale factor {f}; "
-                    f"try {max(f, round(size / f) * f) if isinstance(size, (int, float)) else 512}."
-                )
-        batch_size = self._check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(
-                f"num_inference_steps={num_inference_steps!r} must be an integer >= 1 (e.g. 50)."
-            )
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1.")
-        if not isinstance(guidance_scale, (int, float)) or math.isnan(guidance_scale) or guidance_scale < 0:
-            raise ValueError(
-                f"guidance_scale={guidance_scale!r} must be a number >= 0; use 1.0 for no guidance, 7.5 for SD's usual."
-            )
-        if not 0.0 <= guidance_rescale <= 1.0:
-            raise ValueError(f"guidance_rescale={guidance_rescale!r} must lie in [0, 1] (0.7 is typical).")
-        if eta != 0.0:
-            if "eta" not in inspect.signature(self.scheduler.step).parameters:
-                raise ValueError(
-                    f"eta={eta!r} is only used by DDIM, but the scheduler is {type(self.scheduler).__name__}; "
-                    "set eta=0.0 or switch to DDIMScheduler."
-                )
-            if eta < 0:
-                raise ValueError(f"eta={eta!r} must be >= 0 (0 is deterministic DDIM, 1 is DDPM-like).")
+        check_image_size("height", height, f)
+        check_image_size("width", width, f)
+        batch_size = check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        check_count("num_inference_steps", num_inference_steps, example=50)
+        check_count("num_images_per_prompt", num_images_per_prompt, example=1)
+        check_guidance(guidance_scale, guidance_rescale)
+        check_eta(eta, self.scheduler)
         total = batch_size * num_images_per_prompt
         if isinstance(generator, list) and len(generator) != total:
             raise ValueError(
@@ -259,63 +256,6 @@ class LatentPipeline(DiffusionPipeline):
             raise ValueError(
                 f"callback_on_step_end_tensor_inputs {unknown} are not available; choose from "
                 f"{self._callback_tensor_inputs}."
-            )
-        return batch_size
-
-    @staticmethod
-    def _check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds) -> int:
-        """Validate the prompt arguments and return the prompt batch size."""
-        if (prompt is None) == (prompt_embeds is None):
-            raise ValueError(
-                "Pass exactly one of `prompt` and `prompt_embeds`; got "
-                f"{'both' if prompt is not None else 'neither'}."
-            )
-        if prompt is not None:
-            if isinstance(prompt, list):
-                if not prompt:
-                    raise ValueError("prompt=[] is empty; pass at least one prompt string.")
-                bad = [p for p in prompt if not isinstance(p, str)]
-                if bad:
-                    raise TypeError(
-                        f"Every prompt in the list must be a str; got {bad[0]!r} ({type(bad[0]).__name__})."
-                    )
-            elif not isinstance(prompt, str):
-                raise TypeError(
-                    f"prompt must be a str or a list of str, got {type(prompt).__name__}: {prompt!r}."
-                )
-            batch_size = 1 if isinstance(prompt, str) else len(prompt)
-        else:
-            if prompt_embeds.ndim != 3:
-                raise ValueError(
-                    f"prompt_embeds must be (batch, tokens, dim); got shape {tuple(prompt_embeds.shape)}."
-                )
-            batch_size = prompt_embeds.shape[0]
-        if negative_prompt is not None:
-            if negative_prompt_embeds is not None:
-                raise ValueError(
-                    "Pass at most one of `negative_prompt` and `negative_prompt_embeds`, not both."
-                )
-            if prompt is not None and type(negative_prompt) is not type(prompt):
-                raise TypeError(
-                    f"negative_prompt is a {type(negative_prompt).__name__} but prompt is a "
-                    f"{type(prompt).__name__}; give both as str or both as lists."
-                )
-            if isinstance(negative_prompt, list) and len(negative_prompt) != batch_size:
-                raise ValueError(
-                    f"negative_prompt has {len(negative_prompt)} entries for {batch_size} prompts; "
-                    "give one negative prompt per prompt, or a single string."
-                )
-            if not isinstance(negative_prompt, (str, list)):
-                raise TypeError(
-                    f"negative_prompt must be a str or a list of str, got {type(negative_prompt).__name__}."
-                )
-        if negative_prompt_embeds is not None and (
-            prompt_embeds is None or negative_prompt_embeds.shape != prompt_embeds.shape
-        ):
-            raise ValueError(
-                "negative_prompt_embeds need prompt_embeds of the same shape; got "
-                f"{tuple(negative_prompt_embeds.shape)} vs "
-                f"{None if prompt_embeds is None else tuple(prompt_embeds.shape)}."
             )
         return batch_size
 
@@ -522,8 +462,9 @@ class LatentPipeline(DiffusionPipeline):
         Raises:
             ValueError, TypeError: on invalid arguments, before any model is run.
         """
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
+        # None means the UNet's size; 0 is not "the default" but an error that check_inputs names.
+        height = self.default_sample_size * self.vae_scale_factor if height is None else height
+        width = self.default_sample_size * self.vae_scale_factor if width is None else width
         tensor_inputs = list(callback_on_step_end_tensor_inputs or ["latents"])
 
         # 1. Check inputs

@@ -7,6 +7,7 @@ import torch
 
 from ldm.presets import build_pipeline
 from ldm.tokenizer import write_clip_tokenizer
+from tests.training_helpers import make_world
 
 torch.set_num_threads(2)
 
@@ -35,3 +36,9 @@ def saved_tiny_pipe(tokenizer_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-pipe")
     build_pipeline("tiny", tokenizer_dir, seed=0).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A tiny base pipeline and a 16 px synthetic imagefolder with one corrupt image, for training launches."""
+    return make_world(tmp_path_factory.mktemp("world"))

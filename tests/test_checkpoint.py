@@ -12,6 +12,7 @@ from ldm.training.checkpoint import (
     prune,
     resolve_resume_path,
 )
+from ldm.training.integrity import write_manifest
 
 
 def test_position_after_a_step_mid_epoch_and_at_its_end():
@@ -30,19 +31,20 @@ def test_position_round_trips_through_its_file(tmp_path):
         TrainingPosition.load(tmp_path / "elsewhere")
 
 
-def test_latest_skips_partial_folders_and_prune_keeps_the_newest(tmp_path):
+def test_latest_skips_partial_and_unverified_folders_and_prune_keeps_the_newest(tmp_path):
     for step in (3, 6, 9):
         partial = partial_path(tmp_path, step)
         partial.mkdir()
+        (partial / "weights.bin").write_bytes(bytes(range(step)))
+        write_manifest(partial)
         assert finalize(partial).name == f"checkpoint-{step}"
     (tmp_path / "checkpoint-12.partial").mkdir()  # a save that crashed
-    assert [p.name for p in complete_checkpoints(tmp_path)] == [
-        "checkpoint-3",
-        "checkpoint-6",
-        "checkpoint-9",
-    ]
+    (tmp_path / "checkpoint-99").mkdir()  # an empty folder someone made
     assert resolve_resume_path("latest", tmp_path).name == "checkpoint-9"
-    assert [p.name for p in prune(tmp_path, 0)] == ["checkpoint-3", "checkpoint-6"]
+    with pytest.raises(ValueError, match="checkpoint-99: it has no manifest.json"):
+        resolve_resume_path("checkpoint-99", tmp_path)
+    (tmp_path / "checkpoint-99").rmdir()
+    assert [p.name for p in prune(tmp_path, 1)] == ["checkpoint-3", "checkpoint-6"]
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-9"]
     with pytest.raises(ValueError, match="checkpoint-9"):
         resolve_resume_path("checkpoint-4", tmp_path)

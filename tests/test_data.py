@@ -17,10 +17,9 @@ from ldm.training.data import (
     TrainDataset,
     build_train_dataset,
     collate_fn,
-    load_image_caption_dataset,
     make_dataloader,
-    shard_for_process,
 )
+from ldm.training.sources import load_image_caption_dataset, shard_for_process
 from ldm.training.transforms import (
     ImageCaptionTransform,
     caption_dropout_mask,

@@ -47,8 +47,8 @@ def test_no_private_names_across_modules():
 
 
 def test_training_batch_path_runs_one_way():
-    """config -> transforms -> data -> latent_cache -> encoders -> loss: no module imports one after it."""
-    order = ["config", "transforms", "data", "latent_cache", "encoders", "loss"]
+    """config -> sources/transforms -> data -> latent_cache -> encoders -> loss: none imports one after it."""
+    order = ["config", "sources", "transforms", "data", "latent_cache", "encoders", "loss"]
     graph = ldm_imports()
     for position, name in enumerate(order):
         later = {f"ldm.training.{after}" for after in order[position + 1 :]}

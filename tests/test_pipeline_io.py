@@ -16,7 +16,7 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 from huggingface_hub import HfApi
 from transformers import CLIPConfig, CLIPImageProcessor
 
-from ldm import LatentPipeline
+from ldm import LatentPipeline, build_unet
 
 
 def sample(pipe, seed=0, **kwargs):
@@ -162,7 +162,17 @@ BAD_INPUTS = {
     "guidance negative": (dict(guidance_scale=-1.0), ValueError, "guidance_scale=-1.0"),
     "guidance nan": (dict(guidance_scale=float("nan")), ValueError, "guidance_scale=nan"),
     "guidance rescale": (dict(guidance_rescale=1.5), ValueError, "guidance_rescale=1.5"),
+    "guidance inf": (
+        dict(guidance_scale=float("inf")),
+        ValueError,
+        r"guidance_scale=inf.*finite.*\[0, 100\]",
+    ),
+    "guidance huge": (dict(guidance_scale=1e30), ValueError, "guidance_scale=1e\\+30.*saturate"),
     "eta negative": (dict(eta=-0.5), ValueError, "eta=-0.5"),
+    "eta nan": (dict(eta=float("nan")), ValueError, "eta=nan.*finite"),
+    "eta above one": (dict(eta=1.5), ValueError, r"eta=1.5.*\[0, 1\]"),
+    "height zero": (dict(height=0), ValueError, "height=0 must be a positive multiple"),
+    "width zero": (dict(width=0), ValueError, "width=0 must be a positive multiple"),
     "callback inputs": (dict(callback_on_step_end_tensor_inputs=["noise"]), ValueError, "noise"),
 }
 
@@ -207,3 +217,52 @@ def test_ldm_generate_writes_png(saved_tiny_pipe, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert PIL.Image.open(out).size == (32, 32)  # 2 prompts x 2 images of 16 px
+
+
+def test_ldm_generate_errors_name_its_own_flags_and_exit_2(saved_tiny_pipe, tmp_path):
+    script = Path(sys.executable).parent / "ldm-generate"
+    cases = [
+        (["--steps", "0"], "--steps=0 must be an integer >= 1"),
+        (["--num", "0"], "--num=0"),
+        (["--guidance", "inf"], "--guidance=inf must be a finite number"),
+        (["--height", "21"], "--height=21 must be a positive multiple of the VAE scale factor 2"),
+        (["--model", str(tmp_path / "nowhere" / "pipe")], "--model"),
+    ]
+    for args, message in cases:
+        argv = [
+            str(script),
+            "a red circle",
+            "--model",
+            str(saved_tiny_pipe),
+            "--out",
+            str(tmp_path / "x.png"),
+            *args,
+        ]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        assert message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr[-2000:])
+        lines = result.stderr.strip().splitlines()  # argparse's usage, then one error line
+        assert lines[-1].startswith("ldm-generate: error: ") and not lines[0].startswith(
+            "ldm-generate: error"
+        )
+
+
+def test_from_pretrained_names_a_missing_subfolder_and_components_that_do_not_fit(saved_tiny_pipe, tmp_path):
+    import shutil
+
+    broken = tmp_path / "no-unet"
+    shutil.copytree(saved_tiny_pipe, broken)
+    shutil.rmtree(broken / "unet")
+    with pytest.raises(ValueError, match="has no unet/ subfolder"):
+        LatentPipeline.from_pretrained(broken)
+    with pytest.raises(ValueError, match="is not a folder"):
+        LatentPipeline.from_pretrained(tmp_path / "missing" / "pipeline")
+
+    # A UNet built for a 48-wide text encoder, saved next to the 32-wide one: it loads, so the check must catch it.
+    pipe = LatentPipeline.from_pretrained(saved_tiny_pipe)
+    pipe.register_modules(unet=build_unet("tiny", cross_attention_dim=48))
+    pipe.save_pretrained(tmp_path / "mismatched")
+    with pytest.raises(
+        ValueError, match="cross_attention_dim=48 does not match the text encoder's hidden_size=32"
+    ):
+        LatentPipeline.from_pretrained(tmp_path / "mismatched")

@@ -27,6 +27,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ldm.checks import check_components_fit, check_local_or_hub
 from ldm.encoding import vae_scale_factor
 from ldm.images import image_grid
 from ldm.pipeline import LatentPipeline
@@ -37,6 +38,7 @@ from ldm.training.checkpoint import (
     PipelineExport,
     TrainingPosition,
     complete_checkpoints,
+    resolve_resume_path,
     resume,
     save_checkpoint,
     save_final,
@@ -53,8 +55,10 @@ from ldm.training.distributed import (
     weight_dtype_for,
 )
 from ldm.training.encoders import CachedBatchEncoder, LiveBatchEncoder
+from ldm.training.guards import check_same_run, claim_output_dir, lock_output_dir, run_fingerprint
 from ldm.training.latent_cache import CachedIndexDataset, build_cache
 from ldm.training.loss import training_loss, validation_loss
+from ldm.training.sources import check_data_files
 
 logger = get_logger(__name__)
 NUM_VALIDATION_LOSS_SAMPLES = 8
@@ -76,6 +80,40 @@ def check_trackers(report_to: str) -> None:
         )
 
 
+def check_startup(config: TrainConfig) -> None:
+    """What can be checked before any model loads: trackers, the data files, the base model's location."""
+    check_trackers(config.report_to)
+    check_data_files(config)
+    check_local_or_hub(config.pretrained_model_name_or_path, "pretrained_model_name_or_path")
+    if config.pretrained_vae_model_name_or_path:
+        check_local_or_hub(config.pretrained_vae_model_name_or_path, "pretrained_vae_model_name_or_path")
+
+
+def claim_run(accelerator: Accelerator, config: TrainConfig) -> Path | None:
+    """Lock the output folder for this run, refuse to start over another run, and find the checkpoint to resume."""
+    output_dir = Path(config.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        lock_output_dir(output_dir)
+        claim_output_dir(config)
+    accelerator.wait_for_everyone()
+    path = resolve_resume_path(config.resume_from_checkpoint, output_dir)
+    if path is None and config.resume_from_checkpoint:
+        logger.info(f"No checkpoint in {output_dir} yet; starting a new run.")
+    return path
+
+
+def load_data(accelerator: Accelerator, config: TrainConfig, resume_path: Path | None):
+    """(training dataset, fixed held-out batch, run fingerprint); a resume of another run is refused here."""
+    train_dataset, heldout = build_train_and_heldout(
+        config, config.seed, NUM_VALIDATION_LOSS_SAMPLES, accelerator.process_index, accelerator.num_processes
+    )
+    fingerprint = run_fingerprint(config, getattr(train_dataset, "content_hash", None))
+    if resume_path is not None:
+        check_same_run(resume_path, fingerprint)
+    return train_dataset, collate_fn([heldout[i] for i in range(len(heldout))]), fingerprint
+
+
 def make_accelerator(config: TrainConfig) -> Accelerator:
     """The Accelerator of the run (seedable data order, LR schedule stepped per optimizer step) and its logging."""
     output_dir = Path(config.output_dir)
@@ -89,6 +127,14 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         step_scheduler_with_optimizer=False,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed or 0),
     )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise SystemExit(
+            "train_ldm.py: mixed precision fp16 needs a CUDA GPU, and there is none here (it would silently train "
+            "in fp32). Use --mixed_precision bf16, which runs on the CPU, or --mixed_precision no."
+        )
+    config.mixed_precision = (
+        accelerator.mixed_precision
+    )  # what trains, whether the flag or accelerate chose it
     setup_logging(accelerator)
     return accelerator
 
@@ -135,15 +181,7 @@ def load_unet(config: TrainConfig, text_encoder: CLIPTextModel, vae: Autoencoder
         unet = UNet2DConditionModel.from_pretrained(
             config.pretrained_model_name_or_path, subfolder="unet", revision=config.revision
         )
-    if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
-        raise ValueError(
-            f"The UNet's cross_attention_dim={unet.config.cross_attention_dim} does not match the text encoder's "
-            f"hidden_size={text_encoder.config.hidden_size}; use a matching text encoder or unet_preset."
-        )
-    if unet.config.in_channels != vae.config.latent_channels:
-        raise ValueError(
-            f"The UNet takes {unet.config.in_channels} channels but the VAE makes {vae.config.latent_channels}."
-        )
+    check_components_fit(unet, text_encoder, vae, source=config.pretrained_model_name_or_path)
     return unet
 
 
@@ -169,8 +207,9 @@ def prepare_unet(
     ema_unet = EMAModel(
         unet.parameters(), decay=config.ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config
     )
+    # Saved with each checkpoint as safetensors (checkpoint.save_ema), not registered with accelerate, which
+    # would pickle it and unpickle it on resume.
     ema_unet.to(accelerator.device)
-    accelerator.register_for_checkpointing(ema_unet)
     return ema_unet
 
 
@@ -262,13 +301,21 @@ def validate(
     trained = full_unet(accelerator, unet)
     if not accelerator.is_main_process:
         return {}, None
-    pipe = export.pipeline(trained)
-    # The pipeline's UNet is a plain fp32 module while the frozen encoders may run in half precision: autocast
-    # reconciles them as it does in training.
-    with accelerator.autocast():
-        val_loss = validation_loss(pipe.unet, encoder, heldout_batch, noise_scheduler, config.seed)
-        grid_path = log_validation(accelerator, pipe, config, config.seed, step)
-    return {"val_loss": val_loss}, grid_path
+    logs, grid_path = {}, None
+    # A failing validation is logged, never fatal: it must not cost the run (its checkpoint is already saved).
+    try:
+        pipe = export.pipeline(trained)
+        # The pipeline's UNet is a plain fp32 module while the frozen encoders may run in half precision:
+        # autocast reconciles them as it does in training.
+        with accelerator.autocast():
+            if len(heldout_batch["indices"]):
+                logs["val_loss"] = validation_loss(
+                    pipe.unet, encoder, heldout_batch, noise_scheduler, config.seed
+                )
+            grid_path = log_validation(accelerator, pipe, config, config.seed, step)
+    except Exception as err:
+        logger.warning(f"Validation at step {step} failed ({type(err).__name__}: {err}); training goes on.")
+    return logs, grid_path
 
 
 def check_finite(loss: float, step: int, epoch: int, output_dir: Path) -> None:
@@ -313,17 +360,21 @@ def save_run(
 def main(argv: list[str] | None = None) -> None:
     try:
         config = load_config(argv)
+        check_startup(config)
     except ValueError as err:
         raise SystemExit(f"train_ldm.py: {err}") from None
-    check_trackers(config.report_to)
     use_gloo_without_cuda()
     accelerator = make_accelerator(config)
     # The data, noise and caption-dropout draws all derive from this seed; recording it makes the run resumable.
     config.seed = seed = config.seed if config.seed is not None else 0
     set_seed(seed)
     output_dir = Path(config.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    # Data first, so that every caption and the data's contents are checked before any model loads.
+    try:
+        resume_path = claim_run(accelerator, config)
+        train_dataset, heldout_batch, fingerprint = load_data(accelerator, config, resume_path)
+    except (ValueError, RuntimeError) as err:
+        raise SystemExit(f"train_ldm.py: {err}") from None
 
     # Models: frozen VAE and text encoder, the UNet to train (and its EMA shadow).
     dtype = weight_dtype_for(accelerator)
@@ -332,11 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     ema_unet = prepare_unet(unet, config, accelerator)
     export = PipelineExport(vae, text_encoder, tokenizer, noise_scheduler, ema_unet)
 
-    # Data: images and captions, or their cached latents and embeddings (encoded once, reused across runs).
-    train_dataset, heldout = build_train_and_heldout(
-        config, seed, NUM_VALIDATION_LOSS_SAMPLES, accelerator.process_index, accelerator.num_processes
-    )
-    heldout_batch = collate_fn([heldout[i] for i in range(len(heldout))])
+    # Batches: from the latent cache (encoded once, reused across runs) or live through the frozen encoders.
     live_encoder = LiveBatchEncoder(vae, text_encoder, tokenizer, config, seed)
     loader, encoder = make_loader(accelerator, train_dataset, live_encoder, config)
 
@@ -356,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
     uploader = CheckpointUploader(config.hub_model_id) if config.hub_push_checkpoints else None
 
     # Resume: optimizer, LR schedule, EMA, RNG states and the position in the data.
-    start = resume(accelerator, config)
+    start = resume(accelerator, resume_path, ema_unet)
     global_step, micro_step = start.global_step, start.micro_step
 
     # The loop.
@@ -402,18 +449,18 @@ def main(argv: list[str] | None = None) -> None:
                 progress.set_postfix(
                     loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", skipped=skipped_images
                 )
+                if global_step % config.checkpointing_steps == 0:  # before validation, which may fail
+                    position = TrainingPosition.after(
+                        global_step, epoch, batches_done, loader.epoch_over(batches_done), micro_step,
+                        accelerator.num_processes,
+                    )  # fmt: skip
+                    save_checkpoint(accelerator, config, position, unet, export, uploader, fingerprint)
                 if global_step % config.validation_steps == 0 or global_step == config.max_train_steps:
                     val_logs, grid = validate(
                         accelerator, unet, export, live_encoder, heldout_batch, noise_scheduler, config, global_step
                     )  # fmt: skip
                     logs, grid_path = {**logs, **val_logs}, grid or grid_path
                 accelerator.log(logs, step=global_step)
-                if global_step % config.checkpointing_steps == 0:
-                    position = TrainingPosition.after(
-                        global_step, epoch, batches_done, loader.epoch_over(batches_done), micro_step,
-                        accelerator.num_processes,
-                    )  # fmt: skip
-                    save_checkpoint(accelerator, config, position, unet, export, uploader)
             if global_step >= config.max_train_steps:
                 break
             clock = time.perf_counter()  # validation and checkpoints are not training throughput

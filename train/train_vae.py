@@ -32,8 +32,9 @@ from tqdm.auto import tqdm
 from ldm.presets import PRESETS
 from ldm.seeding import keyed_generator
 from ldm.training.config import TrainConfig, load_config, require
-from ldm.training.data import TrainDataset, collate_fn, load_image_caption_dataset
+from ldm.training.data import TrainDataset, collate_fn
 from ldm.training.distributed import finish, setup_logging, total_over_processes
+from ldm.training.sources import load_image_caption_dataset
 from ldm.training.transforms import ImageCaptionTransform
 from ldm.training.vae import (
     AutoencoderWithPosterior,

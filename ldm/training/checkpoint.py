@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import shutil
 from dataclasses import dataclass
@@ -19,14 +20,21 @@ import torch
 from accelerate import Accelerator, DistributedType
 from accelerate.logging import get_logger
 from diffusers import DDIMScheduler, UNet2DConditionModel
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ldm.hub import model_card_text, push_folder
 from ldm.pipeline import LatentPipeline
 from ldm.training.config import TrainConfig, save_config
 from ldm.training.distributed import full_unet
+from ldm.training.integrity import verify_manifest, write_manifest
 
 logger = get_logger(__name__)
+# For what may run outside an accelerate run too (resolving `latest` in a script or a test).
+warnings_logger = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.json"
+EMA_FILE = "ema_unet.safetensors"
+RUN_FILE = "run.json"  # the run fingerprint (ldm.training.guards)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 PARTIAL_SUFFIX = ".partial"
@@ -54,12 +62,23 @@ def checkpoint_step(path: str | Path) -> int:
 
 
 def resolve_resume_path(resume_from_checkpoint: str | None, output_dir: str | Path) -> Path | None:
-    """The checkpoint to resume from: a path, or `latest` (None when there is none yet)."""
+    """The checkpoint to resume from: a path, or `latest` (None when there is none yet).
+
+    `latest` is the newest checkpoint that verifies against its manifest; each damaged one passed over is logged
+    with the reason. A checkpoint named explicitly must verify.
+
+    Raises:
+        ValueError: the named checkpoint is not a folder, or is damaged (naming the bad file).
+    """
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
-        found = complete_checkpoints(output_dir)
-        return found[-1] if found else None
+        for path in reversed(complete_checkpoints(output_dir)):
+            problem = verify_manifest(path)
+            if problem is None:
+                return path
+            warnings_logger.warning("Passing over %s: %s", path, problem)
+        return None
     path = Path(resume_from_checkpoint)
     if not path.is_dir():
         path = Path(output_dir) / resume_from_checkpoint
@@ -69,7 +88,32 @@ def resolve_resume_path(resume_from_checkpoint: str | None, output_dir: str | Pa
             f"resume_from_checkpoint={resume_from_checkpoint!r} is not a folder; use 'latest' or one of {available}."
         )
     checkpoint_step(path)
+    problem = verify_manifest(path)
+    if problem is not None:
+        raise ValueError(
+            f"Cannot resume from {path}: {problem}. Pass --resume_from_checkpoint latest to take the newest intact "
+            "checkpoint instead."
+        )
     return path
+
+
+# ----------------------------------------------------------------------------- EMA weights, without pickle
+
+
+def save_ema(ema_unet, path: Path) -> None:
+    """The EMA shadow weights as safetensors, its counters in the file's metadata (accelerate would pickle it)."""
+    state = ema_unet.state_dict()
+    shadow = state.pop("shadow_params")
+    tensors = {f"shadow.{i:05d}": t.detach().contiguous().cpu() for i, t in enumerate(shadow)}
+    save_file(tensors, path, metadata={"ema_state": json.dumps(state)})
+
+
+def load_ema(ema_unet, path: Path, device: torch.device) -> None:
+    """Restore what `save_ema` wrote into `ema_unet`."""
+    with safe_open(path, framework="pt") as f:
+        state = json.loads(f.metadata()["ema_state"])
+        state["shadow_params"] = [f.get_tensor(name).to(device) for name in sorted(f.keys())]
+    ema_unet.load_state_dict(state)
 
 
 def partial_path(output_dir: str | Path, step: int) -> Path:
@@ -157,14 +201,17 @@ class TrainingPosition:
         return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls)})
 
 
-def resume(accelerator: Accelerator, config: TrainConfig) -> TrainingPosition:
-    """Load the checkpoint `resume_from_checkpoint` names (optimizer, LR schedule, EMA, RNG) and its position."""
-    path = resolve_resume_path(config.resume_from_checkpoint, config.output_dir)
+def resume(accelerator: Accelerator, path: Path | None, ema_unet=None) -> TrainingPosition:
+    """Load checkpoint `path` (optimizer, LR schedule, RNG, EMA) and return its position; a new run without one.
+
+    accelerate loads its files with `weights_only=True`, and the EMA weights are safetensors: nothing a
+    checkpoint holds can run code when it is resumed.
+    """
     if path is None:
-        if config.resume_from_checkpoint:
-            logger.info(f"No checkpoint in {config.output_dir} yet; starting a new run.")
         return TrainingPosition()
     accelerator.load_state(str(path))
+    if ema_unet is not None:
+        load_ema(ema_unet, path / EMA_FILE, accelerator.device)
     position = TrainingPosition.load(path)
     logger.info(f"Resumed from {path}: {dataclasses.asdict(position)}")
     return position
@@ -245,8 +292,10 @@ def save_checkpoint(
     unet,
     export: PipelineExport,
     uploader: CheckpointUploader | None,
+    fingerprint: dict,
 ) -> None:
-    """accelerate state + the pipeline + the config in `checkpoint-N`, written atomically, then pruned."""
+    """accelerate state + the pipeline + the config + the run's fingerprint in `checkpoint-N`, written atomically
+    (its manifest last), then pruned."""
     save_all = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
     partial = partial_path(config.output_dir, position.global_step) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
@@ -260,6 +309,10 @@ def save_checkpoint(
         trained.save_pretrained(partial / "unet")
         save_config(config, partial / "config.yaml")
         position.save(partial)
+        (partial / RUN_FILE).write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+        if export.ema_unet is not None:
+            save_ema(export.ema_unet, partial / EMA_FILE)
+        write_manifest(partial)  # last: a folder with a manifest that verifies is complete
         final = finalize(partial)
         logger.info(f"Saved {final}")
         if uploader is not None:
@@ -293,7 +346,7 @@ def save_final(
             out,
             config.hub_model_id,
             commit_message="End of training",
-            ignore_patterns=["checkpoint-*", "logs/*", "validation/*", "*.partial/*"],
+            ignore_patterns=["checkpoint-*", "logs/*", "validation/*", "*.partial/*", ".ldm-run.lock"],
         )
 
 

@@ -17,6 +17,7 @@ each checkpoint with :func:`save_config`.
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -50,6 +51,51 @@ def require(condition: bool, message: str) -> None:
     """Raise ValueError(message) unless condition holds."""
     if not condition:
         raise ValueError(message)
+
+
+# Each numeric field's allowed range: (low, high, low inclusive, high inclusive); None is always allowed for
+# optional fields, and every float must be finite (a NaN passes no comparison, so it fails here too).
+INF = float("inf")
+TRAIN_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "max_train_samples": (1, INF, True, False),
+    "dataloader_num_workers": (0, INF, True, False),
+    "train_batch_size": (1, INF, True, False),
+    "num_train_epochs": (1, INF, True, False),
+    "max_train_steps": (1, INF, True, False),
+    "gradient_accumulation_steps": (1, INF, True, False),
+    "learning_rate": (0, INF, False, False),
+    "lr_warmup_steps": (0, INF, True, False),
+    "adam_beta1": (0, 1, True, False),
+    "adam_beta2": (0, 1, True, False),
+    "adam_weight_decay": (0, INF, True, False),
+    "adam_epsilon": (0, INF, False, False),
+    "max_grad_norm": (0, INF, False, False),
+    "ema_decay": (0, 1, False, False),
+    "snr_gamma": (0, INF, False, False),
+    "noise_offset": (0, INF, True, False),
+    "checkpointing_steps": (1, INF, True, False),
+    "checkpoints_total_limit": (1, INF, True, False),
+    "validation_steps": (1, INF, True, False),
+    "validation_guidance_scale": (0, 100, True, True),
+    "validation_inference_steps": (1, INF, True, False),
+}
+
+
+def check_ranges(config, ranges: dict[str, tuple[float, float, bool, bool]]) -> None:
+    """Every listed field is None or a finite number within its range; the message names field, range and value."""
+    for name, (low, high, low_closed, high_closed) in ranges.items():
+        value = getattr(config, name)
+        if value is None:
+            continue
+        above = value >= low if low_closed else value > low
+        below = value <= high if high_closed else value < high
+        if not (math.isfinite(value) and above and below):
+            if high == INF:
+                bound = f"{'>=' if low_closed else '>'} {low:g}"
+            else:
+                bound = f"in {'[' if low_closed else '('}{low:g}, {high:g}{']' if high_closed else ')'}"
+            kind = "a finite number " if isinstance(value, float) else ""
+            raise ValueError(f"{name} must be {kind}{bound}; got {value}.")
 
 
 def check_preset(field: str, name: str | None) -> None:
@@ -136,6 +182,7 @@ class TrainConfig:
     logging_dir: str = "logs"
     tracker_project_name: str = "ldm"
     output_dir: str = "ldm-model"
+    overwrite_output_dir: bool = False  # start a new run over another run's checkpoints (removing them)
 
     # --- Hub ---
     push_to_hub: bool = False
@@ -171,11 +218,7 @@ class TrainConfig:
             0.0 <= self.caption_dropout < 1.0,
             f"caption_dropout is a probability in [0, 1); got {self.caption_dropout}.",
         )
-        require(self.train_batch_size >= 1, f"train_batch_size must be >= 1; got {self.train_batch_size}.")
-        require(
-            self.gradient_accumulation_steps >= 1,
-            f"gradient_accumulation_steps must be >= 1; got {self.gradient_accumulation_steps}.",
-        )
+        check_ranges(self, TRAIN_RANGES)
         # numpy (and so accelerate.set_seed) only takes seeds in [0, 2**32).
         require(
             self.seed is None or 0 <= self.seed < 2**32,

@@ -1,13 +1,16 @@
-"""Training data: image-caption sources, torch datasets, batching, and the epoch loader.
+"""Training data: torch datasets over the image-caption sources, batching, and the epoch loader.
 
-Sources are Hub datasets, imagefolders (images + ``metadata.jsonl``) and webdataset ``*.tar`` shards, map-style or
-streamed. Images are decoded here rather than by ``datasets`` (the image column is cast to
+The sources (Hub datasets, imagefolders, webdataset shards; map-style or streamed) are loaded by
+:mod:`ldm.training.sources`. Images are decoded here rather than by ``datasets`` (the image column is cast to
 ``datasets.Image(decode=False)``), so a corrupt file becomes a skipped sample instead of a crash:
 :class:`TrainDataset` returns ``None`` for it and :func:`collate_fn` counts it in ``num_skipped``. The transform
 and its random draws are in :mod:`ldm.training.transforms`.
 """
 
+import functools
+import hashlib
 import itertools
+import json
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -16,134 +19,15 @@ from typing import Any
 
 import datasets
 import torch
-from datasets.distributed import split_dataset_by_node
 from PIL import Image
 
 from ldm.training.config import TrainConfig
+from ldm.training.sources import load_image_caption_dataset, shard_for_process
 from ldm.training.transforms import DECODE_ERRORS, ImageCaptionTransform, caption_list, open_image
 
 logger = logging.getLogger(__name__)
 
 Sample = dict[str, Any]
-
-# ----------------------------------------------------------------------------------------------------
-# Loading the dataset
-# ----------------------------------------------------------------------------------------------------
-
-
-def load_image_caption_dataset(config: TrainConfig) -> datasets.Dataset | datasets.IterableDataset:
-    """Load the ``train`` split of the configured image-caption dataset, images left undecoded.
-
-    Sources: ``config.dataset_name`` (a Hub dataset, with ``dataset_config_name``), or
-    ``config.train_data_dir`` holding either ``*.tar`` webdataset shards or an imagefolder (images
-    plus ``metadata.jsonl`` with ``file_name`` and a caption column). ``config.streaming`` gives an
-    ``IterableDataset``.
-
-    Webdataset columns are named by file extension (``000.png``, ``000.txt`` give ``png``, ``txt``);
-    when ``image_column`` / ``caption_column`` are not among them, the single image-typed column and
-    ``txt`` are renamed to those names, so the defaults ``image`` / ``text`` work.
-
-    Only the image and caption columns are kept. The image column is cast to
-    ``datasets.Image(decode=False)``: rows hold ``{"bytes", "path"}`` for :func:`open_image`.
-    ``max_train_samples`` keeps the first that many rows (before any shuffling, so always the same ones).
-
-    Args:
-        config: the run's config; reads the data-source fields, ``streaming``, ``max_train_samples``,
-            ``image_column`` and ``caption_column``.
-
-    Returns:
-        A ``datasets.Dataset``, or a ``datasets.IterableDataset`` when streaming.
-
-    Raises:
-        ValueError: if ``train_data_dir`` is not a folder, or the image or caption column is missing.
-    """
-    dataset = _load_source(config)
-    dataset = _use_webdataset_names(dataset, config.image_column, config.caption_column)
-    _check_columns(_column_names(dataset), config.image_column, config.caption_column)
-    dataset = dataset.select_columns([config.image_column, config.caption_column])
-    if dataset.features is not None:  # a stream without declared features is not decoded anyway
-        dataset = dataset.cast_column(config.image_column, datasets.Image(decode=False))
-    if config.max_train_samples is not None:
-        dataset = _truncate(dataset, config.max_train_samples)
-    return dataset
-
-
-def _load_source(config: TrainConfig) -> datasets.Dataset | datasets.IterableDataset:
-    """Call ``datasets.load_dataset`` for a Hub name, a folder of tar shards, or an imagefolder."""
-    # config.cache_dir is the latent cache's; datasets keeps its own (HF_DATASETS_CACHE).
-    common = {"split": "train", "streaming": config.streaming}
-    if config.dataset_name is not None:
-        return datasets.load_dataset(config.dataset_name, config.dataset_config_name, **common)
-    data_dir = Path(config.train_data_dir)
-    if not data_dir.is_dir():
-        raise ValueError(f"train_data_dir {str(data_dir)!r} is not a folder.")
-    shards = sorted(str(path) for path in data_dir.glob("*.tar"))
-    if shards:
-        return datasets.load_dataset("webdataset", data_files={"train": shards}, **common)
-    return datasets.load_dataset("imagefolder", data_dir=str(data_dir), **common)
-
-
-def _use_webdataset_names(dataset, image_column: str, caption_column: str):
-    """Rename a webdataset's extension-named image column and ``txt`` to the configured names."""
-    columns = _column_names(dataset)
-    if "__key__" not in columns or dataset.features is None:
-        return dataset
-    renames = {}
-    image_columns = [
-        name for name, feature in dataset.features.items() if isinstance(feature, datasets.Image)
-    ]
-    if image_column not in columns and len(image_columns) == 1:
-        renames[image_columns[0]] = image_column
-    if caption_column not in columns and "txt" in columns:
-        renames["txt"] = caption_column
-    if renames:
-        logger.info("Renaming webdataset columns %s", renames)
-        dataset = dataset.rename_columns(renames)
-    return dataset
-
-
-def _column_names(dataset) -> list[str]:
-    """The dataset's columns; a stream without declared features is asked for its first example."""
-    if dataset.column_names is not None:
-        return list(dataset.column_names)
-    return list(next(iter(dataset)).keys())
-
-
-def _check_columns(columns: list[str], image_column: str, caption_column: str) -> None:
-    """Fail with the columns found when the image or caption column is missing."""
-    for flag, name in (("image_column", image_column), ("caption_column", caption_column)):
-        if name not in columns:
-            raise ValueError(
-                f"The dataset has no {flag.split('_')[0]} column {name!r} (set by --{flag}); "
-                f"columns found: {columns}. Pass --{flag} with one of them."
-            )
-
-
-def _truncate(dataset, num_samples: int):
-    """Keep the first ``num_samples`` rows."""
-    if isinstance(dataset, datasets.IterableDataset):
-        return dataset.take(num_samples)
-    return dataset.select(range(min(num_samples, len(dataset))))
-
-
-def shard_for_process(
-    dataset: datasets.Dataset | datasets.IterableDataset, process_index: int, num_processes: int
-) -> datasets.Dataset | datasets.IterableDataset:
-    """This process's disjoint part of ``dataset``, via ``datasets.distributed.split_dataset_by_node``.
-
-    For a stream, whole shards go to each process when the shard count divides ``num_processes``,
-    otherwise every process reads all shards and keeps one example in ``num_processes``.
-
-    Args:
-        dataset: the full dataset, identical on every process.
-        process_index: this process's rank (``accelerator.process_index``).
-        num_processes: the world size (``accelerator.num_processes``).
-
-    Returns:
-        The part of ``dataset`` this process trains on.
-    """
-    return split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
-
 
 # ----------------------------------------------------------------------------------------------------
 # Torch datasets and batching
@@ -153,16 +37,21 @@ def shard_for_process(
 def _make_sample(
     row: dict, index: int, epoch: int, transform: ImageCaptionTransform, columns: tuple[str, str], warned: set
 ) -> Sample | None:
-    """Decode and transform one row; ``None`` (with one warning per index) if its image is unreadable."""
+    """Decode and transform one row; ``None`` (with one warning per index) if its image or caption is unusable.
+
+    Map-style datasets drop rows with bad captions at start-up (`build_train_and_heldout`); a stream meets them
+    only as it reads, so here they are skipped and counted like unreadable images.
+    """
     image_column, caption_column = columns
+    record = row[image_column]
     try:
-        image = open_image(row[image_column])
+        caption_list(row[caption_column], index)
+        image = open_image(record)
     except DECODE_ERRORS as error:
         if index not in warned:
             warned.add(index)
-            record = row[image_column]
             where = record.get("path") if isinstance(record, dict) else record
-            logger.warning("Skipping sample %d (%s): cannot decode image: %s", index, where, error)
+            logger.warning("Skipping sample %d (%s): %s", index, where, error)
         return None
     pixel_values, caption = transform(image, row[caption_column], epoch, index)
     return {"pixel_values": pixel_values, "caption": caption, "index": index}
@@ -212,6 +101,24 @@ class TrainDataset(torch.utils.data.Dataset):
         return _make_sample(
             self.dataset[index], index, self.epoch, self.transform, self.columns, self._warned
         )
+
+    @functools.cached_property
+    def content_hash(self) -> str:
+        """A hash of every row's image bytes and captions: what the data is, whatever its files' names or mtimes."""
+        digest = hashlib.blake2b(digest_size=16)
+        image_column, caption_column = self.columns
+        for row in self.dataset:
+            record = row[image_column]
+            data = record.get("bytes") if isinstance(record, dict) else None
+            if data is None:
+                path = record.get("path") if isinstance(record, dict) else record
+                try:
+                    data = Path(path).read_bytes()
+                except (OSError, TypeError):
+                    data = b"<unreadable>"
+            digest.update(len(data).to_bytes(8, "little") + data)
+            digest.update(json.dumps(row[caption_column]).encode())
+        return digest.hexdigest()
 
     def captions(self) -> list[list[str]]:
         """Every row's candidate captions, checked (a bad one raises ValueError naming its row)."""
@@ -350,6 +257,7 @@ def build_train_and_heldout(
         shard = shard_for_process(dataset, process_index, num_processes)
         train = StreamingTrainDataset(shard, transform, *columns, process_index, num_processes)
     else:
+        dataset = _drop_bad_captions(dataset, config.caption_column)
         n = len(dataset)
         if n <= num_heldout:
             raise ValueError(
@@ -364,6 +272,27 @@ def build_train_and_heldout(
         fixed = ImageCaptionTransform(config.resolution, center_crop=True, random_flip=False, seed=seed)
         heldout = TrainDataset(heldout, fixed, *columns)
     return train, heldout
+
+
+def _drop_bad_captions(dataset: datasets.Dataset, caption_column: str) -> datasets.Dataset:
+    """The rows whose caption is a string or a non-empty list of strings; the others are counted and logged."""
+    bad = []
+    for index, caption in enumerate(dataset[caption_column]):
+        try:
+            caption_list(caption, index)
+        except ValueError as error:
+            bad.append((index, error))
+    if not bad:
+        return dataset
+    if len(bad) == len(dataset):
+        raise ValueError(
+            f"No row of the dataset has a usable caption in column {caption_column!r}: {bad[0][1]}"
+        )
+    logger.warning(
+        "Skipping %d of %d rows without a usable caption (first: %s)", len(bad), len(dataset), bad[0][1]
+    )
+    drop = {index for index, _ in bad}
+    return dataset.select([i for i in range(len(dataset)) if i not in drop])
 
 
 def make_dataloader(

@@ -12,10 +12,10 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
 from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file, save_file
@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ldm.encoding import encode_text
 from ldm.training.data import TrainDataset
+from ldm.training.integrity import verify_manifest, write_manifest
 from ldm.training.transforms import DECODE_ERRORS
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return json.dumps(spec, sort_keys=True)
 
 
-def cache_key(dataset: datasets.Dataset, captions: list, vae, text_encoder, tokenizer, config) -> str:
+def cache_key(dataset: TrainDataset, captions: list, vae, text_encoder, tokenizer, config) -> str:
     """Hash of everything the cached tensors depend on; any change gives a new key, so a stale cache is never read."""
     digest = hashlib.blake2b(digest_size=16)
     settings = {
@@ -104,7 +105,8 @@ def cache_key(dataset: datasets.Dataset, captions: list, vae, text_encoder, toke
         "random_flip": config.random_flip,
         "image_column": config.image_column,
         "num_rows": len(dataset),
-        "data_fingerprint": getattr(dataset, "_fingerprint", None),
+        # The images' contents, not their paths or mtimes: an image edited in place must miss.
+        "data_hash": dataset.content_hash,
         "vae_dtype": str(vae.dtype),
         "text_dtype": str(text_encoder.dtype),
         "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -168,10 +170,10 @@ def build_cache(accelerator, dataset, vae, text_encoder, tokenizer, config) -> L
     if not config.cache_latents or not isinstance(dataset, TrainDataset):
         return None
     captions_per_row = dataset.captions()
-    key = cache_key(dataset.rows, captions_per_row, vae, text_encoder, tokenizer, config)
+    key = cache_key(dataset, captions_per_row, vae, text_encoder, tokenizer, config)
     folder = (Path(config.cache_dir) if config.cache_dir else default_cache_dir()) / key
     # The main process decides hit or miss for everyone: ranks must agree, or some would wait forever below.
-    if broadcast_object_list([(folder / "complete.json").exists()])[0]:
+    if broadcast_object_list([accelerator.is_main_process and _verified(folder)])[0]:
         logger.info("Latent cache hit: %s", folder)
         return _load(folder)
     if not config.center_crop and not _all_square(dataset, accelerator):
@@ -198,6 +200,7 @@ def build_cache(accelerator, dataset, vae, text_encoder, tokenizer, config) -> L
     if accelerator.is_main_process:
         shards = sorted(p.name for p in folder.glob(f"latents-*-of-{world:05d}.safetensors"))
         (folder / "complete.json").write_text(json.dumps({"shards": shards, "num_rows": len(dataset)}))
+        write_manifest(folder)  # last: checksums of every file, verified at each hit
     accelerator.wait_for_everyone()
     return _load(folder)
 
@@ -215,6 +218,18 @@ def _all_square(dataset: TrainDataset, accelerator) -> bool:
             break
     flag = torch.tensor(float(square), device=accelerator.device)
     return bool(accelerator.reduce(flag, reduction="sum").item() == accelerator.num_processes)
+
+
+def _verified(folder: Path) -> bool:
+    """Whether a complete cache folder verifies against its manifest; a damaged one is removed to be rebuilt."""
+    if not (folder / "complete.json").exists():
+        return False
+    problem = verify_manifest(folder)
+    if problem is None:
+        return True
+    logger.warning("The latent cache in %s is damaged (%s); rebuilding it.", folder, problem)
+    shutil.rmtree(folder)
+    return False
 
 
 def _load(folder: Path) -> LatentCache:

@@ -1,0 +1,167 @@
+"""Argument and component checks of the pipelines: each names the bad value and the fix, before any model runs."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+# Guidance past this is never what a user means: Stable Diffusion is sampled at 1-15, and the guided prediction
+# eps_u + s (eps_c - eps_u) grows with s until the decoded image is saturated flat colour (at 1e30 it is NaN).
+MAX_GUIDANCE_SCALE = 100.0
+# A Hub repository id: "name" or "owner/name".
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+def looks_like_hub_id(name: str | os.PathLike) -> bool:
+    """Whether `name` can be a Hub repository id ("name" or "owner/name") rather than only a local path."""
+    text = os.fspath(name)
+    return bool(_HUB_ID.match(text)) and not text.startswith((".", "~"))
+
+
+def check_local_or_hub(name: str | os.PathLike, what: str) -> None:
+    """A name that can only be a local path must be an existing folder (not left to fail as a bad Hub id)."""
+    if not Path(name).expanduser().is_dir() and not looks_like_hub_id(name):
+        raise ValueError(f"{what} {os.fspath(name)!r} is not a folder (nor a Hub id of the form owner/name).")
+
+
+def check_pipeline_folder(path: str | os.PathLike, skipped: tuple[str, ...] = ()) -> None:
+    """A local pipeline folder holds model_index.json and a subfolder for every component that file names.
+
+    Hub ids are left to `from_pretrained`. `skipped` components are not loaded, so they need no subfolder.
+    """
+    check_local_or_hub(path, "The pipeline")
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise ValueError(f"{folder} is not a pipeline folder: it has no model_index.json.")
+    for name, spec in json.loads(index_path.read_text()).items():
+        is_component = isinstance(spec, list) and len(spec) == 2 and spec[0] is not None
+        if is_component and name not in skipped and not (folder / name).is_dir():
+            raise ValueError(
+                f"The pipeline folder {folder} has no {name}/ subfolder, which its model_index.json lists "
+                f"({spec[1]}); copy {name}/ from the pipeline it came from, or save the pipeline again."
+            )
+
+
+def check_components_fit(unet, text_encoder, vae, source: str) -> None:
+    """The UNet must take the text encoder's width and the VAE's latent channels (missing components pass)."""
+    if unet is not None and text_encoder is not None:
+        width, hidden = unet.config.cross_attention_dim, text_encoder.config.hidden_size
+        if width != hidden:
+            raise ValueError(
+                f"In {source} the UNet's cross_attention_dim={width} does not match the text encoder's "
+                f"hidden_size={hidden}; use the text encoder the UNet was trained with."
+            )
+    if unet is not None and vae is not None:
+        channels, latent = unet.config.in_channels, vae.config.latent_channels
+        if channels != latent:
+            raise ValueError(
+                f"In {source} the UNet takes {channels} input channels but the VAE makes {latent}-channel "
+                "latents; use the VAE the UNet was trained with."
+            )
+
+
+def check_image_size(name: str, size, factor: int) -> None:
+    """Image sides are positive multiples of the VAE scale factor."""
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % factor != 0:
+        hint = max(factor, round(size / factor) * factor) if isinstance(size, (int, float)) else 512
+        raise ValueError(
+            f"{name}={size!r} must be a positive multiple of the VAE scale factor {factor}; try {hint}."
+        )
+
+
+def check_count(name: str, value, example: int) -> None:
+    """A count such as num_inference_steps is an integer >= 1."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r} must be an integer >= 1 (e.g. {example}).")
+
+
+def check_guidance(guidance_scale, guidance_rescale=0.0, name: str = "guidance_scale") -> None:
+    """guidance_scale (called `name` in messages) is finite and in [0, MAX_GUIDANCE_SCALE]; guidance_rescale in
+    [0, 1]."""
+    if (
+        not isinstance(guidance_scale, (int, float))
+        or not math.isfinite(guidance_scale)
+        or not 0 <= guidance_scale <= MAX_GUIDANCE_SCALE
+    ):
+        raise ValueError(
+            f"{name}={guidance_scale!r} must be a finite number in [0, {MAX_GUIDANCE_SCALE:g}]: 1.0 is no "
+            "guidance, 7.5 Stable Diffusion's usual; far larger values saturate the image (and overflow to NaN)."
+        )
+    if not isinstance(guidance_rescale, (int, float)) or not 0.0 <= guidance_rescale <= 1.0:
+        raise ValueError(f"guidance_rescale={guidance_rescale!r} must lie in [0, 1] (0.7 is typical).")
+
+
+def check_eta(eta, scheduler) -> None:
+    """eta is DDIM's, finite and in [0, 1]."""
+    if not isinstance(eta, (int, float)) or not math.isfinite(eta) or not 0.0 <= eta <= 1.0:
+        raise ValueError(
+            f"eta={eta!r} must be a finite number in [0, 1]: 0 is deterministic DDIM, 1 adds DDPM's posterior "
+            "noise; more would add noise the model never removes."
+        )
+    if eta != 0.0 and "eta" not in inspect.signature(scheduler.step).parameters:
+        raise ValueError(
+            f"eta={eta!r} is only used by DDIM, but the scheduler is {type(scheduler).__name__}; "
+            "set eta=0.0 or switch to DDIMScheduler."
+        )
+
+
+def check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds) -> int:
+    """Validate the prompt arguments and return the prompt batch size."""
+    if (prompt is None) == (prompt_embeds is None):
+        raise ValueError(
+            "Pass exactly one of `prompt` and `prompt_embeds`; got "
+            f"{'both' if prompt is not None else 'neither'}."
+        )
+    if prompt is not None:
+        if isinstance(prompt, list):
+            if not prompt:
+                raise ValueError("prompt=[] is empty; pass at least one prompt string.")
+            bad = [p for p in prompt if not isinstance(p, str)]
+            if bad:
+                raise TypeError(
+                    f"Every prompt in the list must be a str; got {bad[0]!r} ({type(bad[0]).__name__})."
+                )
+        elif not isinstance(prompt, str):
+            raise TypeError(
+                f"prompt must be a str or a list of str, got {type(prompt).__name__}: {prompt!r}."
+            )
+        batch_size = 1 if isinstance(prompt, str) else len(prompt)
+    else:
+        if prompt_embeds.ndim != 3:
+            raise ValueError(
+                f"prompt_embeds must be (batch, tokens, dim); got shape {tuple(prompt_embeds.shape)}."
+            )
+        batch_size = prompt_embeds.shape[0]
+    if negative_prompt is not None:
+        if negative_prompt_embeds is not None:
+            raise ValueError("Pass at most one of `negative_prompt` and `negative_prompt_embeds`, not both.")
+        if prompt is not None and type(negative_prompt) is not type(prompt):
+            raise TypeError(
+                f"negative_prompt is a {type(negative_prompt).__name__} but prompt is a "
+                f"{type(prompt).__name__}; give both as str or both as lists."
+            )
+        if isinstance(negative_prompt, list) and len(negative_prompt) != batch_size:
+            raise ValueError(
+                f"negative_prompt has {len(negative_prompt)} entries for {batch_size} prompts; "
+                "give one negative prompt per prompt, or a single string."
+            )
+        if not isinstance(negative_prompt, (str, list)):
+            raise TypeError(
+                f"negative_prompt must be a str or a list of str, got {type(negative_prompt).__name__}."
+            )
+    if negative_prompt_embeds is not None and (
+        prompt_embeds is None or negative_prompt_embeds.shape != prompt_embeds.shape
+    ):
+        raise ValueError(
+            "negative_prompt_embeds need prompt_embeds of the same shape; got "
+            f"{tuple(negative_prompt_embeds.shape)} vs "
+            f"{None if prompt_embeds is None else tuple(prompt_embeds.shape)}."
+        )
+    return batch_size
