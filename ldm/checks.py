@@ -9,6 +9,12 @@ import os
 import re
 from pathlib import Path
 
+from diffusers.utils import logging
+
+from ldm.encoding import vae_scale_factor
+
+logger = logging.get_logger(__name__)
+
 # Guidance past this is never what a user means: Stable Diffusion is sampled at 1-15, and the guided prediction
 # eps_u + s (eps_c - eps_u) grows with s until the decoded image is saturated flat colour (at 1e30 it is NaN).
 MAX_GUIDANCE_SCALE = 100.0
@@ -50,7 +56,10 @@ def check_pipeline_folder(path: str | os.PathLike, skipped: tuple[str, ...] = ()
 
 
 def check_components_fit(unet, text_encoder, vae, source: str) -> None:
-    """The UNet must take the text encoder's width and the VAE's latent channels (missing components pass)."""
+    """The UNet must take the text encoder's width and the VAE's latent channels (missing components pass).
+
+    A UNet sample size that does not match the VAE's (times its scale factor) is only warned about.
+    """
     if unet is not None and text_encoder is not None:
         width, hidden = unet.config.cross_attention_dim, text_encoder.config.hidden_size
         if width != hidden:
@@ -59,6 +68,16 @@ def check_components_fit(unet, text_encoder, vae, source: str) -> None:
                 f"hidden_size={hidden}; use the text encoder the UNet was trained with."
             )
     if unet is not None and vae is not None:
+        size = unet.config.sample_size
+        image_side = (size if isinstance(size, int) else size[0]) * vae_scale_factor(vae.config)
+        if vae.config.sample_size != image_side:
+            # Not an error: both models are convolutional. But the default image size follows the UNet.
+            logger.warning(
+                "In %s the UNet's sample_size gives %d px images by default, but the VAE was configured for %s px.",
+                source,
+                image_side,
+                vae.config.sample_size,
+            )
         channels, latent = unet.config.in_channels, vae.config.latent_channels
         if channels != latent:
             raise ValueError(

@@ -112,7 +112,7 @@ def test_a_second_concurrent_run_fails_at_once_naming_the_first(world, tmp_path)
         assert second.returncode != 0
         assert f"pid {holder['pid']} on host {socket.gethostname()}" in second.stderr
     finally:
-        os.killpg(first.pid, signal.SIGINT)  # Ctrl-C: the run stops and releases its lock
+        os.killpg(first.pid, signal.SIGTERM)  # the run stops and releases its lock
         first.wait(timeout=300)
     assert not lock.exists()
 

@@ -266,3 +266,16 @@ def test_from_pretrained_names_a_missing_subfolder_and_components_that_do_not_fi
         ValueError, match="cross_attention_dim=48 does not match the text encoder's hidden_size=32"
     ):
         LatentPipeline.from_pretrained(tmp_path / "mismatched")
+
+
+def test_a_vae_sized_for_other_images_is_warned_about(saved_tiny_pipe, tmp_path, caplog):
+    import logging
+    import shutil
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(saved_tiny_pipe, folder)
+    config_path = folder / "vae" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "sample_size": 64}))
+    with caplog.at_level(logging.WARNING):
+        LatentPipeline.from_pretrained(folder)
+    assert "sample_size gives 16 px images by default, but the VAE was configured for 64 px" in caplog.text

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import socket
 import time
 from pathlib import Path
@@ -92,7 +93,15 @@ def lock_output_dir(output_dir: Path) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
         atexit.register(_release, path, me["pid"])
+        # `kill`, a scheduler's preemption: end through SystemExit, so that atexit releases the lock (Python's
+        # default for SIGTERM exits at once, and a lock left behind would need the stale-lock check).
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         return
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    """Turn SIGTERM into SystemExit(128 + SIGTERM)."""
+    raise SystemExit(128 + signum)
 
 
 def _release(path: Path, pid: int) -> None:
