@@ -3,12 +3,12 @@
 The package map (README's Layout section has the same table):
 
 - sampling and what it shares with training: `pipeline` (`LatentPipeline`, its numbered steps; the sampler step is
-  the diffusers scheduler's, called in `LatentPipeline.denoise`), `encoding` (text embeddings, latent scaling),
-  `presets` (model shapes), `schedulers` (samplers by name), `tokenizer`, `hub`, `cli` (`ldm-generate`), `images`,
-  `seeding`.
-- `training/`: `config` -> `data` (+ `transforms`: every per-sample random draw) -> `latent_cache` -> `encoders`
-  (batch -> latents, text embeddings) -> `loss` -> optimizer; `checkpoint` (save, resume, prune, upload, final
-  save), `distributed`, `vae` (autoencoder losses and metrics).
+  the diffusers scheduler's, called in `LatentPipeline.denoise`), `checks` (argument and component checks),
+  `encoding` (text embeddings, latent scaling), `presets` (model shapes), `schedulers` (samplers by name),
+  `tokenizer`, `hub`, `cli` (`ldm-generate`), `images`, `seeding`.
+- `training/`: `config` -> `sources` -> `data` (+ `transforms`: every per-sample random draw) -> `latent_cache` ->
+  `encoders` (batch -> latents, text embeddings) -> `loss` -> optimizer; `checkpoint` (save, resume, prune,
+  upload, final save), `guards` (lock, run fingerprint), `integrity` (manifests), `distributed`, `vae`.
 - `shapes/`: the offline demo world: `synthetic` data, `detector`, `adherence` evaluation, `text_stack`.
 """
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DistributedType
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -44,7 +44,7 @@ from ldm.training.checkpoint import (
     save_final,
 )
 from ldm.training.config import TrainConfig, load_config
-from ldm.training.data import TrainLoader, build_train_and_heldout, collate_fn
+from ldm.training.data import TrainDataset, TrainLoader, build_train_and_heldout, collate_fn
 from ldm.training.distributed import (
     check_replicas_in_sync,
     finish,
@@ -90,12 +90,11 @@ def check_startup(config: TrainConfig) -> None:
 
 
 def claim_run(accelerator: Accelerator, config: TrainConfig) -> Path | None:
-    """Lock the output folder for this run, refuse to start over another run, and find the checkpoint to resume."""
+    """Lock the output folder for this run and find the checkpoint to resume, if any."""
     output_dir = Path(config.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         lock_output_dir(output_dir)
-        claim_output_dir(config)
     accelerator.wait_for_everyone()
     path = resolve_resume_path(config.resume_from_checkpoint, output_dir)
     if path is None and config.resume_from_checkpoint:
@@ -104,14 +103,26 @@ def claim_run(accelerator: Accelerator, config: TrainConfig) -> Path | None:
 
 
 def load_data(accelerator: Accelerator, config: TrainConfig, resume_path: Path | None):
-    """(training dataset, fixed held-out batch, run fingerprint); a resume of another run is refused here."""
+    """(training dataset, fixed held-out batch, data content hash, run fingerprint), before any model loads.
+
+    A resume of another run is refused here, and so is a new run over another run's checkpoints: only once the data
+    has loaded, so that a run that cannot start never costs them (--overwrite_output_dir removes them).
+    """
     train_dataset, heldout = build_train_and_heldout(
         config, config.seed, NUM_VALIDATION_LOSS_SAMPLES, accelerator.process_index, accelerator.num_processes
     )
-    fingerprint = run_fingerprint(config, getattr(train_dataset, "content_hash", None))
+    data_hash = None
+    if isinstance(train_dataset, TrainDataset):  # a full read of the data: once, on the main process
+        data_hash = train_dataset.content_hash if accelerator.is_main_process else None
+        data_hash = broadcast_object_list([data_hash])[0]
+    fingerprint = run_fingerprint(config, data_hash)
     if resume_path is not None:
         check_same_run(resume_path, fingerprint)
-    return train_dataset, collate_fn([heldout[i] for i in range(len(heldout))]), fingerprint
+    if accelerator.is_main_process:
+        claim_output_dir(config)
+    accelerator.wait_for_everyone()
+    heldout_batch = collate_fn([heldout[i] for i in range(len(heldout))])
+    return train_dataset, heldout_batch, data_hash, fingerprint
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -237,20 +248,14 @@ def make_optimizer(config: TrainConfig, params, num_processes: int) -> torch.opt
     )
 
 
-def make_loader(accelerator, train_dataset, live_encoder: LiveBatchEncoder, config: TrainConfig):
+def make_loader(accelerator, train_dataset, live_encoder: LiveBatchEncoder, config: TrainConfig, data_hash):
     """(loader, batch encoder): from the latent cache when it applies, else live through the frozen encoders."""
-    cache = build_cache(
-        accelerator,
-        train_dataset,
-        live_encoder.vae,
-        live_encoder.text_encoder,
-        live_encoder.tokenizer,
-        config,
-    )
+    vae, text_encoder, tokenizer = live_encoder.vae, live_encoder.text_encoder, live_encoder.tokenizer
+    cache = build_cache(accelerator, train_dataset, vae, text_encoder, tokenizer, config, data_hash)
     if cache is None:
         return TrainLoader(train_dataset, collate_fn, config, config.seed), live_encoder
     loader = TrainLoader(cache.index_dataset(), CachedIndexDataset.collate_fn, config, config.seed)
-    return loader, CachedBatchEncoder(cache, live_encoder.vae, config, config.seed)
+    return loader, CachedBatchEncoder(cache, vae, config, config.seed)
 
 
 # ----------------------------------------------------------------------------- validation and saving
@@ -372,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     # Data first, so that every caption and the data's contents are checked before any model loads.
     try:
         resume_path = claim_run(accelerator, config)
-        train_dataset, heldout_batch, fingerprint = load_data(accelerator, config, resume_path)
+        train_dataset, heldout_batch, data_hash, fingerprint = load_data(accelerator, config, resume_path)
     except (ValueError, RuntimeError) as err:
         raise SystemExit(f"train_ldm.py: {err}") from None
 
@@ -385,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Batches: from the latent cache (encoded once, reused across runs) or live through the frozen encoders.
     live_encoder = LiveBatchEncoder(vae, text_encoder, tokenizer, config, seed)
-    loader, encoder = make_loader(accelerator, train_dataset, live_encoder, config)
+    loader, encoder = make_loader(accelerator, train_dataset, live_encoder, config, data_hash)
 
     # Optimisation: AdamW and the LR schedule; accelerate wraps them with the UNet and the data.
     config.max_train_steps, config.num_train_epochs = loader.schedule(config, accelerator.num_processes)

@@ -68,16 +68,25 @@ def resolve_resume_path(resume_from_checkpoint: str | None, output_dir: str | Pa
     with the reason. A checkpoint named explicitly must verify.
 
     Raises:
-        ValueError: the named checkpoint is not a folder, or is damaged (naming the bad file).
+        ValueError: the named checkpoint is not a folder, or is damaged (naming the bad file); or `latest` finds
+            checkpoints but none intact.
     """
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
+        problems = []
         for path in reversed(complete_checkpoints(output_dir)):
             problem = verify_manifest(path)
             if problem is None:
                 return path
             warnings_logger.warning("Passing over %s: %s", path, problem)
+            problems.append(f"  {path.name}: {problem}")
+        if problems:  # never a silent fresh start over checkpoints that are there
+            raise ValueError(
+                f"resume_from_checkpoint=latest found no intact checkpoint in {output_dir}:\n"
+                + "\n".join(problems)
+                + "\nResume from one by its path only if you trust it, or start a new run with --overwrite_output_dir."
+            )
         return None
     path = Path(resume_from_checkpoint)
     if not path.is_dir():

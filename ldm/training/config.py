@@ -81,8 +81,9 @@ TRAIN_RANGES: dict[str, tuple[float, float, bool, bool]] = {
 }
 
 
-def check_ranges(config, ranges: dict[str, tuple[float, float, bool, bool]]) -> None:
-    """Every listed field is None or a finite number within its range; the message names field, range and value."""
+def check_ranges(config, ranges: dict[str, tuple[float, float, bool, bool]], prefix: str = "") -> None:
+    """Every listed field is None or a finite number within its range; the message names field (after `prefix`,
+    e.g. "--"), range and value."""
     for name, (low, high, low_closed, high_closed) in ranges.items():
         value = getattr(config, name)
         if value is None:
@@ -95,7 +96,7 @@ def check_ranges(config, ranges: dict[str, tuple[float, float, bool, bool]]) -> 
             else:
                 bound = f"in {'[' if low_closed else '('}{low:g}, {high:g}{']' if high_closed else ')'}"
             kind = "a finite number " if isinstance(value, float) else ""
-            raise ValueError(f"{name} must be {kind}{bound}; got {value}.")
+            raise ValueError(f"{prefix}{name} must be {kind}{bound}; got {value}.")
 
 
 def check_preset(field: str, name: str | None) -> None:

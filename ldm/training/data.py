@@ -84,11 +84,6 @@ class TrainDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self._warned: set[int] = set()
 
-    @property
-    def rows(self) -> datasets.Dataset:
-        """The underlying rows (undecoded images and captions)."""
-        return self.dataset
-
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose randomness the next samples use."""
         self.epoch = epoch

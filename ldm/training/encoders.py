@@ -1,7 +1,7 @@
 """Batch encoders: a training batch -> (x_0 latents, text embeddings), live or from the latent cache.
 
 Both give the same result for the same batch and generator. Each sample's caption choice and flip come from
-`draw_sample` in the data module, and caption dropout from `caption_dropout_mask`, both keyed by
+`draw_sample` in `ldm.training.transforms`, and caption dropout from `caption_dropout_mask`, both keyed by
 (seed, epoch, index): the live path made the choices when the sample was transformed, the cached path makes them
 here from the sample index alone. The VAE's posterior moments (mean, log variance) are what the cache holds, not a
 latent sample, so each use still draws a fresh z ~ q(z | x) from the step's generator in both paths.

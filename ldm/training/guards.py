@@ -1,7 +1,7 @@
 """One run per output folder, and a resume only of the same run.
 
-- A lock file in the output folder, holding the PID and host of the run that owns it, is taken at start-up and
-  released at exit: a second run into the same folder fails at once, naming the first.
+- A lock on a file in the output folder (`flock`, recording the PID and host of the run that holds it) is taken at
+  start-up and held until the process ends: a second run into the same folder fails at once, naming the first.
 - A new run into a folder that holds another run's checkpoints is refused unless it resumes them
   (`--resume_from_checkpoint`) or replaces them (`--overwrite_output_dir`).
 - Each checkpoint records the run's fingerprint (`run.json`): every setting that defines what is trained, and a
@@ -11,12 +11,11 @@
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
-import signal
 import socket
 import time
 from pathlib import Path
@@ -52,69 +51,51 @@ MAY_CHANGE_ON_RESUME = (
 )
 
 
-def _process_alive(pid: int) -> bool:
-    """Whether a process with this PID exists on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+# The open lock file of this process's run: the kernel holds the flock while it is open, and drops it when the
+# process ends in any way (exit, exception, SIGTERM, SIGKILL, OOM), so a dead run never leaves a lock behind.
+_held_lock = None
 
 
 def lock_output_dir(output_dir: Path) -> None:
     """Take the output folder's lock for this process's life (call on the main process only).
 
-    A lock left by a run that died on this host (its PID is gone) is taken over with a warning.
+    An exclusive `flock` on `.ldm-run.lock`, which also records the holder's PID, host and start time for the
+    message a second run gets. The file stays after the run; only the lock on it goes.
 
     Raises:
         RuntimeError: another live run holds the folder, naming its PID, host and start time.
     """
+    global _held_lock
     path = output_dir / LOCK_FILE
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                holder = {}
-            if holder.get("host") == me["host"] and not _process_alive(int(holder.get("pid", -1))):
-                print(f"Taking over {path}: its run (pid {holder.get('pid')}) is no longer running.")
-                path.unlink(missing_ok=True)
-                continue
-            raise RuntimeError(
-                f"{output_dir} is in use by another training run (pid {holder.get('pid', '?')} on host "
-                f"{holder.get('host', '?')}, started {holder.get('started', '?')}). Wait for it to finish or "
-                f"choose another --output_dir; if that run is gone, delete {path}."
-            ) from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        atexit.register(_release, path, me["pid"])
-        # `kill`, a scheduler's preemption: end through SystemExit, so that atexit releases the lock (Python's
-        # default for SIGTERM exits at once, and a lock left behind would need the stale-lock check).
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        return
-
-
-def _exit_on_sigterm(signum, frame) -> None:
-    """Turn SIGTERM into SystemExit(128 + SIGTERM)."""
-    raise SystemExit(128 + signum)
-
-
-def _release(path: Path, pid: int) -> None:
-    """Remove the lock if this process still owns it."""
+    f = open(path, "a+")  # noqa: SIM115 (held open for the process's life)
     try:
-        if json.loads(path.read_text()).get("pid") == pid:
-            path.unlink()
-    except (OSError, json.JSONDecodeError):
-        pass
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        try:
+            holder = json.loads(f.read())
+        except json.JSONDecodeError:
+            holder = {}
+        f.close()
+        raise RuntimeError(
+            f"{output_dir} is in use by another training run (pid {holder.get('pid', '?')} on host "
+            f"{holder.get('host', '?')}, started {holder.get('started', '?')}). Wait for it to finish, or choose "
+            "another --output_dir."
+        ) from None
+    f.seek(0)
+    f.truncate()
+    json.dump(
+        {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f
+    )
+    f.flush()
+    _held_lock = f
 
 
 def claim_output_dir(config: TrainConfig) -> None:
-    """Refuse to start a new run over another run's checkpoints; with --overwrite_output_dir, remove them."""
+    """Refuse to start a new run over another run's checkpoints; with --overwrite_output_dir, remove them.
+
+    Call once the data has loaded, so that a run that fails to start never costs the old checkpoints.
+    """
     output_dir = Path(config.output_dir)
     found = complete_checkpoints(output_dir) + sorted(output_dir.glob(f"checkpoint-*{PARTIAL_SUFFIX}"))
     if not found or config.resume_from_checkpoint:
@@ -132,9 +113,15 @@ def claim_output_dir(config: TrainConfig) -> None:
 def run_fingerprint(config: TrainConfig, data_hash: str | None) -> dict:
     """What defines the run: every setting but those that may change on resume, and the data's content hash.
 
+    With a content hash the data may move (only its contents count); a stream has none, so its source names do.
+    A stream's sample indices depend on the worker count, so there that may not change either.
     `config.mixed_precision` must be what trains (train_ldm.py records accelerate's choice there).
     """
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in MAY_CHANGE_ON_RESUME}
+    if data_hash is not None:
+        settings.pop("train_data_dir")
+    if config.streaming:
+        settings["dataloader_num_workers"] = config.dataloader_num_workers
     settings["data_hash"] = data_hash
     return json.loads(json.dumps(settings))  # tuples -> lists, as they read back from the file
 
@@ -151,10 +138,13 @@ def check_same_run(checkpoint: Path, fingerprint: dict) -> None:
             f"{checkpoint} has no {RUN_FILE}; it was not written by this version of train_ldm.py."
         )
     recorded = json.loads(path.read_text())
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     differences = [
         f"  {key}: the checkpoint's run had {recorded.get(key)!r}, this one has {fingerprint.get(key)!r}"
         for key in sorted(set(recorded) | set(fingerprint))
         if recorded.get(key) != fingerprint.get(key)
+        # A setting added after the checkpoint was written, left at its default, trains as before.
+        and not (key not in recorded and key in defaults and fingerprint.get(key) == defaults[key])
     ]
     if differences:
         raise ValueError(

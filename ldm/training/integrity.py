@@ -37,15 +37,16 @@ def verify_manifest(folder: Path) -> str | None:
     if not manifest.is_file():
         return f"it has no {MANIFEST}, so it was never completely written"
     try:
-        entries = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        recorded = json.loads(manifest.read_text())["files"]
+        entries = {name: (int(entry["size"]), str(entry["sha256"])) for name, entry in recorded.items()}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         return f"{manifest} is damaged"
-    for name, entry in entries.items():
+    for name, (size, sha256) in entries.items():
         path = folder / name
         if not path.is_file():
             return f"{path} is missing"
-        if path.stat().st_size != entry["size"]:
-            return f"{path} has {path.stat().st_size} bytes where {entry['size']} were written (cut short?)"
-        if file_sha256(path) != entry["sha256"]:
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes where {size} were written (cut short?)"
+        if file_sha256(path) != sha256:
             return f"{path} does not match the checksum recorded when it was written"
     return None

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +96,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return json.dumps(spec, sort_keys=True)
 
 
-def cache_key(dataset: TrainDataset, captions: list, vae, text_encoder, tokenizer, config) -> str:
+def cache_key(
+    dataset: TrainDataset, data_hash: str, captions: list, vae, text_encoder, tokenizer, config
+) -> str:
     """Hash of everything the cached tensors depend on; any change gives a new key, so a stale cache is never read."""
     digest = hashlib.blake2b(digest_size=16)
     settings = {
@@ -106,7 +109,7 @@ def cache_key(dataset: TrainDataset, captions: list, vae, text_encoder, tokenize
         "image_column": config.image_column,
         "num_rows": len(dataset),
         # The images' contents, not their paths or mtimes: an image edited in place must miss.
-        "data_hash": dataset.content_hash,
+        "data_hash": data_hash,
         "vae_dtype": str(vae.dtype),
         "text_dtype": str(text_encoder.dtype),
         "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -161,8 +164,14 @@ def _write_text(folder: Path, captions_per_row: list[list[str]], text_encoder, t
     (folder / "captions.json").write_text(json.dumps(meta))
 
 
-def build_cache(accelerator, dataset, vae, text_encoder, tokenizer, config) -> LatentCache | None:
+def build_cache(
+    accelerator, dataset, vae, text_encoder, tokenizer, config, data_hash: str | None = None
+) -> LatentCache | None:
     """Load the cache for this data and these models, building it first (sharded over processes) on a miss.
+
+    `data_hash` is the dataset's content hash when the caller has it (computed once on the main process); by
+    default it is computed here. A cache is built in a temporary folder and renamed under its key when complete, so
+    a folder under a key is always whole and two runs building the same key never write into one folder.
 
     Returns None when the run trains from live batches instead: `cache_latents` is off, the data is streamed, or
     (after a log line saying why) caching cannot reproduce the live transforms (random crops of non-square images).
@@ -170,7 +179,9 @@ def build_cache(accelerator, dataset, vae, text_encoder, tokenizer, config) -> L
     if not config.cache_latents or not isinstance(dataset, TrainDataset):
         return None
     captions_per_row = dataset.captions()
-    key = cache_key(dataset, captions_per_row, vae, text_encoder, tokenizer, config)
+    key = cache_key(
+        dataset, data_hash or dataset.content_hash, captions_per_row, vae, text_encoder, tokenizer, config
+    )
     folder = (Path(config.cache_dir) if config.cache_dir else default_cache_dir()) / key
     # The main process decides hit or miss for everyone: ranks must agree, or some would wait forever below.
     if broadcast_object_list([accelerator.is_main_process and _verified(folder)])[0]:
@@ -184,7 +195,8 @@ def build_cache(accelerator, dataset, vae, text_encoder, tokenizer, config) -> L
         return None
 
     logger.info("Latent cache miss: encoding %d images into %s", len(dataset), folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    building = Path(broadcast_object_list([f"{folder}.tmp-{uuid.uuid4().hex}"])[0])
+    building.mkdir(parents=True, exist_ok=True)
     rank, world = accelerator.process_index, accelerator.num_processes
     indices = list(range(rank, len(dataset), world))
     moments, valid = _encode_shard(
@@ -192,17 +204,26 @@ def build_cache(accelerator, dataset, vae, text_encoder, tokenizer, config) -> L
     )
     save_file(
         {"indices": torch.tensor(indices, dtype=torch.long), "moments": moments.contiguous(), "valid": valid},
-        folder / f"latents-{rank:05d}-of-{world:05d}.safetensors",
+        building / f"latents-{rank:05d}-of-{world:05d}.safetensors",
     )
     if accelerator.is_main_process:
-        _write_text(folder, captions_per_row, text_encoder, tokenizer)
+        _write_text(building, captions_per_row, text_encoder, tokenizer)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        shards = sorted(p.name for p in folder.glob(f"latents-*-of-{world:05d}.safetensors"))
-        (folder / "complete.json").write_text(json.dumps({"shards": shards, "num_rows": len(dataset)}))
-        write_manifest(folder)  # last: checksums of every file, verified at each hit
+        _finish(building, folder, world, len(dataset))
     accelerator.wait_for_everyone()
     return _load(folder)
+
+
+def _finish(building: Path, folder: Path, world: int, num_rows: int) -> None:
+    """Mark a built cache complete, checksum it, and move it under its key (unless another run got there first)."""
+    shards = sorted(p.name for p in building.glob(f"latents-*-of-{world:05d}.safetensors"))
+    (building / "complete.json").write_text(json.dumps({"shards": shards, "num_rows": num_rows}))
+    write_manifest(building)
+    try:
+        building.rename(folder)
+    except OSError:  # the same cache was completed by a concurrent run
+        shutil.rmtree(building, ignore_errors=True)
 
 
 def _all_square(dataset: TrainDataset, accelerator) -> bool:
@@ -221,19 +242,24 @@ def _all_square(dataset: TrainDataset, accelerator) -> bool:
 
 
 def _verified(folder: Path) -> bool:
-    """Whether a complete cache folder verifies against its manifest; a damaged one is removed to be rebuilt."""
-    if not (folder / "complete.json").exists():
+    """Whether the cache folder exists and verifies against its manifest; a damaged one is removed to be rebuilt."""
+    if not folder.exists():
         return False
     problem = verify_manifest(folder)
     if problem is None:
         return True
     logger.warning("The latent cache in %s is damaged (%s); rebuilding it.", folder, problem)
-    shutil.rmtree(folder)
+    shutil.rmtree(folder, ignore_errors=True)
     return False
 
 
 def _load(folder: Path) -> LatentCache:
     """Assemble a complete cache folder's shards into one LatentCache."""
+    if not (folder / "complete.json").exists():
+        raise ValueError(
+            f"The latent cache {folder} is not there on this machine: it was built on one that does not share this "
+            "folder. Point --cache_dir at a folder every node sees, or pass --cache_latents false."
+        )
     complete = json.loads((folder / "complete.json").read_text())
     parts = [load_file(folder / name) for name in complete["shards"]]
     n = complete["num_rows"]

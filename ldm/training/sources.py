@@ -144,6 +144,8 @@ def check_data_files(config: TrainConfig) -> None:
     if any(data_dir.glob("*.tar")):
         return
     metadata = sorted(data_dir.rglob("metadata.jsonl"))
+    if not metadata and (any(data_dir.rglob("metadata.csv")) or any(data_dir.rglob("metadata.parquet"))):
+        return  # datasets' imagefolder reads those too; its own errors name the file
     if not metadata:
         raise ValueError(
             f"train_data_dir {str(data_dir)!r} has neither *.tar shards nor a metadata.jsonl (one JSON object per "

@@ -24,7 +24,14 @@ from torch import nn
 
 from ldm.encoding import vae_scale_factor
 from ldm.presets import PRESETS
-from ldm.training.config import MixedPrecision, check_data_source, check_fields, check_preset, require
+from ldm.training.config import (
+    MixedPrecision,
+    check_data_source,
+    check_fields,
+    check_preset,
+    check_ranges,
+    require,
+)
 
 ReconLoss = Literal["l1", "l2"]
 
@@ -37,6 +44,21 @@ RECON_LOSSES = {
 # ----------------------------------------------------------------------------------------------------
 # The run's options
 # ----------------------------------------------------------------------------------------------------
+
+
+INF = float("inf")
+VAE_RANGES: dict[str, tuple[float, float, bool, bool]] = {  # as config.TRAIN_RANGES
+    "resolution": (1, INF, True, False),
+    "num_heldout": (1, INF, True, False),
+    "dataloader_num_workers": (0, INF, True, False),
+    "train_batch_size": (1, INF, True, False),
+    "max_train_steps": (1, INF, True, False),
+    "learning_rate": (0, INF, False, False),
+    "lr_warmup_steps": (0, INF, True, False),
+    "adam_weight_decay": (0, INF, True, False),
+    "max_grad_norm": (0, INF, False, False),
+    "kl_weight": (0, INF, True, False),
+}
 
 
 @dataclass
@@ -107,18 +129,11 @@ class VaeTrainConfig:
         )
         check_preset("--vae_preset", self.vae_preset)
         check_data_source(self.dataset_name, self.train_data_dir)
-        require(self.resolution > 0, f"--resolution must be positive; got {self.resolution}.")
+        check_ranges(self, VAE_RANGES, prefix="--")
         if self.vae_preset is not None:
             check_vae_resolution(
                 self.resolution, PRESETS[self.vae_preset]["vae"], f"preset {self.vae_preset!r}"
             )
-        for name in ("train_batch_size", "max_train_steps", "num_heldout"):
-            require(getattr(self, name) >= 1, f"--{name} must be >= 1; got {getattr(self, name)}.")
-        for name in ("lr_warmup_steps", "dataloader_num_workers"):
-            require(getattr(self, name) >= 0, f"--{name} must be >= 0; got {getattr(self, name)}.")
-        require(self.learning_rate > 0, f"--learning_rate must be > 0; got {self.learning_rate}.")
-        require(self.kl_weight >= 0, f"--kl_weight must be >= 0; got {self.kl_weight}.")
-        require(self.max_grad_norm > 0, f"--max_grad_norm must be > 0; got {self.max_grad_norm}.")
         require(
             not (self.lr_scheduler == "constant" and self.lr_warmup_steps > 0),
             f"--lr_scheduler constant has no warm-up but --lr_warmup_steps is {self.lr_warmup_steps}; "
