@@ -158,6 +158,11 @@ def test_hub_token_refused(tmp_path):
         ({"hub_push_checkpoints": True}, "hub_push_checkpoints needs push_to_hub"),
         ({"unet_preset": "huge"}, "unet_preset 'huge'"),
         ({"streaming": True}, "streaming=true.*set max_train_steps"),
+        ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr needs --prediction_type v_prediction"),
+        (
+            {"rescale_betas_zero_snr": True, "prediction_type": "epsilon"},
+            "needs --prediction_type v_prediction.*Got prediction_type='epsilon'",
+        ),
         ({"max_train_steps": 0}, "max_train_steps must be >= 1; got 0"),
         ({"max_train_steps": -3}, "max_train_steps must be >= 1; got -3"),
         ({"checkpointing_steps": 0}, "checkpointing_steps must be >= 1; got 0"),

@@ -82,3 +82,34 @@ def test_ddim_step_is_the_deterministic_update():
     x0_hat = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
     expected = a_prev.sqrt() * x0_hat + (1 - a_prev).sqrt() * eps
     assert torch.allclose(sched.step(eps, t, x_t, eta=0.0).prev_sample, expected, atol=1e-5)
+
+
+def test_zero_terminal_snr_schedule_and_min_snr_weighting_stay_finite():
+    from ldm.training.loss import diffusion_loss, snr
+
+    base = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+    )
+    sched = DDPMScheduler.from_config(
+        base.config, rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction"
+    )
+    alpha_bar = sched.alphas_cumprod
+    assert alpha_bar[-1] == 0 and base.alphas_cumprod[-1] > 0  # x_T is pure noise only after the rescale
+    # Lin et al. 2023, Alg. 1: sqrt(alpha_bar) is shifted to 0 at T and rescaled to keep its value at t = 0.
+    torch.testing.assert_close(alpha_bar[0], base.alphas_cumprod[0])
+    t = torch.tensor([0, 500, 999])
+    assert snr(sched, t)[-1] == 0
+    latents, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    pred = torch.randn(3, 4, 8, 8)
+    loss = diffusion_loss(pred, latents, noise, t, sched, snr_gamma=5.0)
+    assert torch.isfinite(loss)
+    # At SNR 0 the v-weight min(SNR, gamma) / (SNR + 1) is 0: the terminal sample adds nothing, NaN-free.
+    target = sched.get_velocity(latents, noise, t)
+    per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+    ratio = snr(sched, t)
+    expected = (per_sample * torch.clamp(ratio, max=5.0) / (ratio + 1)).mean()
+    torch.testing.assert_close(loss, expected)
+    # Sampling starts at the terminal timestep with trailing spacing.
+    ddim = DDIMScheduler.from_config(sched.config)
+    ddim.set_timesteps(10)
+    assert ddim.timesteps[0] == 999

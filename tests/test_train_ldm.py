@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 
@@ -210,12 +211,19 @@ def test_shipped_configs_load():
 def test_mixed_precision_and_objective_options_run(world, tmp_path):
     launch(
         world, tmp_path / "opts", "--mixed_precision", "bf16", "--use_ema", "--gradient_checkpointing", "--snr_gamma", "5",
-        "--prediction_type", "v_prediction", "--noise_offset", "0.05", "--gradient_accumulation_steps", "2",
+        "--prediction_type", "v_prediction", "--rescale_betas_zero_snr", "--noise_offset", "0.05",
+        "--gradient_accumulation_steps", "2",
         "--max_train_steps", "2", "--checkpointing_steps", "2", "--validation_steps", "2",
         "--validation_prompts", "a red circle on the left",
     )  # fmt: skip
     scheduler = json.loads((tmp_path / "opts" / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "v_prediction" and scheduler["_class_name"] == "DDIMScheduler"
+    # Zero terminal SNR travels with the pipeline: it samples from t = T on the rescaled schedule.
+    assert scheduler["rescale_betas_zero_snr"] is True and scheduler["timestep_spacing"] == "trailing"
+    pipe = LatentPipeline.from_pretrained(tmp_path / "opts")
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe("a red circle", num_inference_steps=3, guidance_rescale=0.7, output_type="np").images
+    assert pipe.scheduler.timesteps[0] == 999 and np.isfinite(images).all()
 
 
 def test_missing_tracker_is_a_startup_error(monkeypatch):

@@ -171,13 +171,27 @@ def load_frozen_models(config: TrainConfig, device: torch.device, dtype: torch.d
     except OSError:
         logger.info(f"No scheduler in {base}; using Stable Diffusion's training schedule.")
         noise_scheduler = DDPMScheduler.from_config(sd_scheduler().config)
-    if config.prediction_type is not None:
-        noise_scheduler.register_to_config(prediction_type=config.prediction_type)
+    noise_scheduler = training_schedule(noise_scheduler, config)
     # Frozen: no gradients, eval mode (no dropout), and half precision where mixed precision allows it, since
     # they only run forward passes and their weights are never updated.
     for model in (vae, text_encoder):
         model.requires_grad_(False).eval().to(device, dtype=dtype)
     return tokenizer, text_encoder, vae, noise_scheduler
+
+
+def training_schedule(noise_scheduler: DDPMScheduler, config: TrainConfig) -> DDPMScheduler:
+    """The base schedule with the run's prediction type and, if asked, zero terminal SNR.
+
+    Zero terminal SNR (Lin et al. 2023, sec. 3.1) rescales the betas so that alpha_bar_T = 0: training then sees
+    pure noise at t = T, as sampling starts from; "trailing" spacing makes sampling start at t = T (sec. 3.3). The
+    pipeline's DDIM scheduler is built from this config, so it samples with the same schedule.
+    """
+    overrides = {}
+    if config.prediction_type is not None:
+        overrides["prediction_type"] = config.prediction_type
+    if config.rescale_betas_zero_snr:
+        overrides.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return DDPMScheduler.from_config(noise_scheduler.config, **overrides) if overrides else noise_scheduler
 
 
 def load_unet(config: TrainConfig, text_encoder: CLIPTextModel, vae: AutoencoderKL) -> UNet2DConditionModel:
@@ -268,6 +282,8 @@ def validation_grid(pipe: LatentPipeline, config: TrainConfig, seed: int):
         config.validation_prompts,
         num_inference_steps=config.validation_inference_steps,
         guidance_scale=config.validation_guidance_scale,
+        # With zero terminal SNR, guidance over-exposes unless rescaled (Lin et al. 2023, sec. 3.4, phi = 0.7).
+        guidance_rescale=0.7 if config.rescale_betas_zero_snr else 0.0,
         generator=generators,
         height=config.resolution,
         width=config.resolution,

@@ -170,6 +170,8 @@ class TrainConfig:
     snr_gamma: float | None = None
     noise_offset: float = 0.0
     prediction_type: PredictionType | None = None  # None: the noise scheduler's own
+    # Zero terminal SNR with trailing timesteps (Lin et al. 2023); needs prediction_type v_prediction.
+    rescale_betas_zero_snr: bool = False
 
     # --- Checkpoints, validation, logging ---
     checkpointing_steps: int = 500
@@ -220,6 +222,12 @@ class TrainConfig:
             f"caption_dropout is a probability in [0, 1); got {self.caption_dropout}.",
         )
         check_ranges(self, TRAIN_RANGES)
+        require(
+            not self.rescale_betas_zero_snr or self.prediction_type == "v_prediction",
+            "rescale_betas_zero_snr needs --prediction_type v_prediction: with zero terminal SNR the last timestep "
+            "is pure noise, so predicting the noise there is trivial and gives no x_0 (x_0 = (x_T - eps) / 0). "
+            f"Got prediction_type={self.prediction_type!r}.",
+        )
         # numpy (and so accelerate.set_seed) only takes seeds in [0, 2**32).
         require(
             self.seed is None or 0 <= self.seed < 2**32,
