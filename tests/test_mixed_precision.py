@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from ldm import build_pipeline, write_clip_tokenizer
 from ldm.seeding import keyed_generator
@@ -14,13 +15,17 @@ from ldm.training.encoders import LiveBatchEncoder
 from ldm.training.loss import training_loss
 
 
-def test_bf16_autocast_runs_the_unet_in_bf16_and_the_loss_decreases(tmp_path):
+def test_bf16_autocast_runs_the_unet_in_bf16_and_the_loss_decreases(tmp_path, request):
     generate_dataset(tmp_path / "data", num_images=8, resolution=16, seed=0, num_heldout=2)
     pipe = build_pipeline("tiny", write_clip_tokenizer(CAPTION_WORDS, tmp_path / "tok"), seed=0)
     config = TrainConfig(
         pretrained_model_name_or_path="unused", train_data_dir=str(tmp_path / "data"), resolution=16,
         center_crop=True, caption_dropout=0.0, mixed_precision="bf16",
     )  # fmt: skip
+    # Accelerate's state is one per process, and other tests made it without mixed precision: start afresh, as
+    # accelerate's own tests do, and leave it fresh for the tests after this one.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
     accelerator = Accelerator(cpu=True, mixed_precision="bf16")
     train, _ = build_train_and_heldout(config, seed=0, num_heldout=0)
     batch = collate_fn([train[i] for i in range(len(train))])
