@@ -25,6 +25,7 @@ from torch import nn
 from ldm.encoding import vae_scale_factor
 from ldm.presets import PRESETS
 from ldm.training.config import (
+    INF,
     MixedPrecision,
     check_data_source,
     check_fields,
@@ -46,7 +47,6 @@ RECON_LOSSES = {
 # ----------------------------------------------------------------------------------------------------
 
 
-INF = float("inf")
 VAE_RANGES: dict[str, tuple[float, float, bool, bool]] = {  # as config.TRAIN_RANGES
     "resolution": (1, INF, True, False),
     "num_heldout": (1, INF, True, False),
