@@ -12,12 +12,17 @@ The package map (README's Layout section has the same table):
 - `shapes/`: the offline demo world: `synthetic` data, `detector`, `adherence` evaluation, `text_stack`.
 """
 
-from ldm.pipeline import LatentPipeline, LatentPipelineOutput, classifier_free_guidance, rescale_guidance
+from ldm.guidance import classifier_free_guidance, rescale_guidance
+from ldm.img2img import LatentImg2ImgPipeline
+from ldm.inpaint import LatentInpaintPipeline
+from ldm.pipeline import LatentPipeline, LatentPipelineOutput
 from ldm.presets import PRESETS, build_pipeline, build_unet
 from ldm.tokenizer import write_clip_tokenizer
 
 __all__ = [
     "PRESETS",
+    "LatentImg2ImgPipeline",
+    "LatentInpaintPipeline",
     "LatentPipeline",
     "LatentPipelineOutput",
     "build_pipeline",

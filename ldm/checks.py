@@ -9,6 +9,9 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
+import torch
 from diffusers.utils import logging
 
 from ldm.encoding import vae_scale_factor
@@ -184,3 +187,108 @@ def check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
             f"{None if prompt_embeds is None else tuple(prompt_embeds.shape)}."
         )
     return batch_size
+
+
+def check_schedule_inputs(num_inference_steps, timesteps, sigmas, scheduler) -> None:
+    """Either a step count or one custom schedule (`timesteps` or `sigmas`) the scheduler can take."""
+    if timesteps is not None and sigmas is not None:
+        raise ValueError("Pass at most one of `timesteps` and `sigmas`, not both.")
+    for name, custom in (("timesteps", timesteps), ("sigmas", sigmas)):
+        if custom is None:
+            continue
+        if len(custom) == 0:
+            raise ValueError(f"{name}=[] is empty; pass a descending list, or num_inference_steps instead.")
+        if name not in inspect.signature(scheduler.set_timesteps).parameters:
+            raise ValueError(
+                f"{type(scheduler).__name__} does not take custom {name}; pass num_inference_steps, or switch to "
+                "a scheduler that does (e.g. EulerDiscreteScheduler)."
+            )
+    if timesteps is None and sigmas is None:
+        check_count("num_inference_steps", num_inference_steps, example=50)
+
+
+def check_conditioning_inputs(
+    clip_skip, text_encoder, cross_attention_kwargs, ip_adapter_image, ip_adapter_image_embeds
+) -> None:
+    """clip_skip fits the text encoder; cross_attention_kwargs is a dict; at most one IP-Adapter input."""
+    if clip_skip is not None:
+        layers = text_encoder.config.num_hidden_layers
+        if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or not 0 <= clip_skip < layers:
+            raise ValueError(
+                f"clip_skip={clip_skip!r} must be an integer in [0, {layers - 1}] for this {layers}-layer text "
+                "encoder (1 uses the penultimate layer), or None."
+            )
+    if cross_attention_kwargs is not None and not isinstance(cross_attention_kwargs, dict):
+        raise TypeError(
+            f"cross_attention_kwargs must be a dict such as {{'scale': 0.5}}, got "
+            f"{type(cross_attention_kwargs).__name__}."
+        )
+    if ip_adapter_image is not None and ip_adapter_image_embeds is not None:
+        raise ValueError("Pass at most one of `ip_adapter_image` and `ip_adapter_image_embeds`, not both.")
+
+
+def check_call_tensors(generator, latents, latent_shape: tuple, tensor_inputs, available) -> None:
+    """One generator or one per image; given latents of the shape the call needs; callback tensors that exist.
+
+    `latent_shape` is (images, channels, height / f, width / f).
+    """
+    total = latent_shape[0]
+    if isinstance(generator, list) and len(generator) != total:
+        raise ValueError(
+            f"Got a list of {len(generator)} generators for {total} images (prompts x num_images_per_prompt); "
+            f"pass one generator or exactly {total}."
+        )
+    if latents is not None and tuple(latents.shape) != tuple(latent_shape):
+        raise ValueError(
+            f"latents have shape {tuple(latents.shape)} but {tuple(latent_shape)} is needed for {total} images of "
+            f"{latent_shape[2]}x{latent_shape[3]} latents; match height/width/num_images_per_prompt or leave "
+            "latents=None."
+        )
+    unknown = [k for k in tensor_inputs if k not in available]
+    if unknown:
+        raise ValueError(
+            f"callback_on_step_end_tensor_inputs {unknown} are not available; choose from {available}."
+        )
+
+
+IMAGE_TYPES = "a PIL image, a numpy array, a torch tensor, or a list of one of these"
+
+
+def image_hw(image, name: str = "image") -> tuple[int, int]:
+    """(height, width) of a PIL image, an array (H, W[, C]) / (B, H, W, C), a tensor (..., H, W), or a list.
+
+    Raises:
+        TypeError: `image` is none of these; the message names `name` and what it is.
+    """
+    first = image[0] if isinstance(image, list) and image else image
+    if isinstance(first, PIL.Image.Image):
+        return first.height, first.width
+    if isinstance(first, np.ndarray) and first.ndim >= 2:
+        channels_last = first.ndim >= 3 and first.shape[-1] in (1, 3, 4)
+        return tuple(first.shape[-3:-1] if channels_last else first.shape[-2:])
+    if isinstance(first, torch.Tensor) and first.ndim >= 2:
+        return tuple(first.shape[-2:])
+    raise TypeError(f"{name} must be {IMAGE_TYPES}; got {type(image).__name__}.")
+
+
+def check_strength(strength, num_inference_steps: int | None = None) -> None:
+    """strength in [0, 1] (the fraction of the schedule re-run), leaving at least one step to run."""
+    if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0.0 <= strength <= 1.0:
+        raise ValueError(
+            f"strength={strength!r} must be a number in [0, 1]: 0 keeps the image, 1 replaces it entirely."
+        )
+    if num_inference_steps is not None and int(num_inference_steps * strength) < 1:
+        raise ValueError(
+            f"strength={strength} with num_inference_steps={num_inference_steps} leaves no denoising step "
+            f"(int({num_inference_steps} * {strength}) = 0); raise strength or num_inference_steps."
+        )
+
+
+def check_mask_fits(image, mask_image) -> None:
+    """The mask covers the image pixel for pixel."""
+    image_size, mask_size = image_hw(image), image_hw(mask_image, "mask_image")
+    if image_size != mask_size:
+        raise ValueError(
+            f"mask_image is {mask_size[0]}x{mask_size[1]} (height x width) but image is "
+            f"{image_size[0]}x{image_size[1]}; resize the mask to the image's size."
+        )

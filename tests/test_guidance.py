@@ -41,7 +41,7 @@ class StubUNet(torch.nn.Module):
         super().__init__()
         self.config = config
 
-    def forward(self, sample, t, encoder_hidden_states, return_dict=False):
+    def forward(self, sample, t, encoder_hidden_states, return_dict=False, **conditioning):
         per_sample = encoder_hidden_states.mean(dim=(1, 2)).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
         return (sample * 0 + per_sample,)
 
@@ -55,8 +55,10 @@ def test_guided_prediction_matches_definition(tiny_pipe, scale):
     t = tiny_pipe.scheduler.timesteps[0]
     pipe_unet = tiny_pipe.unet
     tiny_pipe.unet = stub
+    tiny_pipe.start_call(scale, guidance_rescale=0.0, clip_skip=None, cross_attention_kwargs=None)
     try:
-        eps_hat = tiny_pipe.predict_noise(latents, t, cond, uncond, guidance_scale=scale)
+        # Under guidance the context is [negative; positive], as in diffusers.
+        eps_hat = tiny_pipe.predict_noise(latents, t, torch.cat([uncond, cond]), guidance_scale=scale)
     finally:
         tiny_pipe.unet = pipe_unet
     eps_c = cond.mean(dim=(1, 2)).view(-1, 1, 1, 1).expand_as(latents)

@@ -38,7 +38,8 @@ def test_output_types(tiny_pipe):
     assert pt.shape == (1, 3, 16, 16) and 0 <= pt.min() and pt.max() <= 1
     latent = sample(tiny_pipe, output_type="latent")
     assert latent.shape == (1, 4, 8, 8)
-    (images,) = tiny_pipe("a cat", num_inference_steps=1, output_type="np", return_dict=False)
+    images, nsfw = tiny_pipe("a cat", num_inference_steps=1, output_type="np", return_dict=False)
+    assert nsfw is None  # StableDiffusionPipeline's tuple: no safety checker runs here
     assert images.shape == (1, 16, 16, 3)
 
 
@@ -90,7 +91,7 @@ def tiny_safety_checker() -> StableDiffusionSafetyChecker:
 def test_loads_stable_diffusion_layout_with_safety_checker(tiny_pipe, tmp_path, caplog):
     expected = sample(tiny_pipe)
     sd = StableDiffusionPipeline(
-        **tiny_pipe.components,
+        **{k: v for k, v in tiny_pipe.components.items() if k not in ("safety_checker", "feature_extractor")},
         safety_checker=tiny_safety_checker(),
         feature_extractor=CLIPImageProcessor(crop_size=32, size=32),
     )
@@ -101,7 +102,8 @@ def test_loads_stable_diffusion_layout_with_safety_checker(tiny_pipe, tmp_path, 
 
     pipe = LatentPipeline.from_pretrained(tmp_path)
     pipe.set_progress_bar_config(disable=True)
-    assert sorted(pipe.components) == ["scheduler", "text_encoder", "tokenizer", "unet", "vae"]
+    assert pipe.safety_checker is None  # skipped: never loaded, never run
+    assert isinstance(pipe.feature_extractor, CLIPImageProcessor)  # kept, for IP-Adapters
     assert np.abs(sample(pipe) - expected).max() <= 1e-5
     assert "not expected" not in caplog.text
 
