@@ -41,8 +41,13 @@ def unscale_latents(latents: torch.Tensor, vae) -> torch.Tensor:
     return z + shift if shift is not None else z
 
 
-def encode_text(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, texts: list[str]) -> torch.Tensor:
+def encode_text(
+    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, texts: list[str], clip_skip: int | None = None
+) -> torch.Tensor:
     """CLIP last hidden states (B, model_max_length, D), as Stable Diffusion conditions on them.
+
+    With `clip_skip` = k the output of the k-th layer from the end is taken instead, through the final layer
+    norm, as diffusers defines it (k = 1: the penultimate layer).
 
     Prompts longer than the tokenizer's `model_max_length` are truncated, with a warning naming them.
     """
@@ -64,5 +69,12 @@ def encode_text(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, texts: li
     # SD's CLIP attends over padding; only encoders configured for masks (not CLIP) get one.
     if getattr(text_encoder.config, "use_attention_mask", False):
         attention_mask = tokens.attention_mask.to(text_encoder.device)
-    hidden = text_encoder(tokens.input_ids.to(text_encoder.device), attention_mask=attention_mask)[0]
+    ids = tokens.input_ids.to(text_encoder.device)
+    if clip_skip is None:
+        hidden = text_encoder(ids, attention_mask=attention_mask)[0]
+    else:
+        states = text_encoder(ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
+        # transformers 5's CLIPTextModel holds final_layer_norm itself; 4's kept it under `text_model`.
+        norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+        hidden = norm(states[-(clip_skip + 1)])
     return hidden.to(dtype=text_encoder.dtype)

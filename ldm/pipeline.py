@@ -21,9 +21,10 @@ from diffusers.loaders import IPAdapterMixin, StableDiffusionLoraLoaderMixin, Te
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.utils import BaseOutput, logging
+from diffusers.utils import BaseOutput, logging, scale_lora_layers, unscale_lora_layers
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
+from ldm.call_state import CallStateMixin
 from ldm.checks import (
     check_call_tensors,
     check_conditioning_inputs,
@@ -34,7 +35,7 @@ from ldm.checks import (
     check_prompts,
     check_schedule_inputs,
 )
-from ldm.encoding import unscale_latents, vae_scale_factor
+from ldm.encoding import encode_text, unscale_latents, vae_scale_factor
 from ldm.guidance import classifier_free_guidance, rescale_guidance
 from ldm.pipeline_io import PipelineLoadingMixin, fix_legacy_scheduler
 from ldm.single_file import LatentSingleFileMixin
@@ -59,6 +60,7 @@ class LatentPipelineOutput(BaseOutput):
 
 class LatentPipeline(
     PipelineLoadingMixin,
+    CallStateMixin,
     DiffusionPipeline,
     StableDiffusionMixin,
     TextualInversionLoaderMixin,
@@ -123,43 +125,11 @@ class LatentPipeline(
     # diffusers' own steps, reused rather than rewritten (same signatures, same results): prompt encoding with
     # textual inversion, LoRA scale and clip_skip; IP-Adapter image embeddings; the LCM guidance embedding; the
     # scheduler's extra step arguments; the initial noise.
-    encode_prompt = StableDiffusionPipeline.encode_prompt
     encode_image = StableDiffusionPipeline.encode_image
     prepare_ip_adapter_image_embeds = StableDiffusionPipeline.prepare_ip_adapter_image_embeds
     get_guidance_scale_embedding = StableDiffusionPipeline.get_guidance_scale_embedding
     prepare_extra_step_kwargs = StableDiffusionPipeline.prepare_extra_step_kwargs
     prepare_latents = StableDiffusionPipeline.prepare_latents
-
-    # ------------------------------------------------------------------ what callbacks read
-
-    @property
-    def guidance_scale(self) -> float:
-        return self._guidance_scale
-
-    @property
-    def guidance_rescale(self) -> float:
-        return self._guidance_rescale
-
-    @property
-    def clip_skip(self) -> int | None:
-        return self._clip_skip
-
-    @property
-    def do_classifier_free_guidance(self) -> bool:
-        """Guidance runs the unconditional branch only above scale 1, and never for guidance-distilled UNets."""
-        return self._guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
-
-    @property
-    def cross_attention_kwargs(self) -> dict | None:
-        return self._cross_attention_kwargs
-
-    @property
-    def num_timesteps(self) -> int:
-        return self._num_timesteps
-
-    @property
-    def interrupt(self) -> bool:
-        return self._interrupt
 
     @property
     def default_sample_size(self) -> int:
@@ -221,6 +191,68 @@ class LatentPipeline(
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is unknown; choose one of {OUTPUT_TYPES}.")
         return batch_size
+
+    # ------------------------------------------------------------------ step 2: encode the prompt
+
+    def encode_prompt(
+        self,
+        prompt,
+        device,
+        num_images_per_prompt,
+        do_classifier_free_guidance,
+        negative_prompt=None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        lora_scale: float | None = None,
+        clip_skip: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`StableDiffusionPipeline.encode_prompt`: same arguments, same (prompt_embeds, negative_prompt_embeds).
+
+        Only `clip_skip` is computed here (for the prompt, not the negative prompt, as diffusers does): diffusers
+        0.42 reads `text_encoder.text_model`, which transformers 5's CLIPTextModel no longer has.
+        """
+        if clip_skip is not None and prompt_embeds is None:
+            texts = self.maybe_convert_prompt([prompt] if isinstance(prompt, str) else prompt, self.tokenizer)
+            if lora_scale is not None:
+                scale_lora_layers(self.text_encoder, lora_scale)
+            try:
+                prompt_embeds = encode_text(self.tokenizer, self.text_encoder, texts, clip_skip).to(device)
+            finally:
+                if lora_scale is not None:
+                    unscale_lora_layers(self.text_encoder, lora_scale)
+        return StableDiffusionPipeline.encode_prompt(
+            self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt,
+            prompt_embeds, negative_prompt_embeds, lora_scale,
+        )  # fmt: skip
+
+    def encode_conditions(
+        self,
+        prompt,
+        negative_prompt,
+        num_images: int,
+        prompt_embeds,
+        negative_prompt_embeds,
+        ip_adapter_image,
+        ip_adapter_image_embeds,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict | None]:
+        """Step 2: text (and IP-Adapter image) conditioning; under guidance the text is [negative; positive]."""
+        lora_scale = (self.cross_attention_kwargs or {}).get("scale")
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, self._execution_device, num_images, self.do_classifier_free_guidance, negative_prompt,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, lora_scale=lora_scale,
+            clip_skip=self.clip_skip,
+        )  # fmt: skip
+        context = prompt_embeds
+        if self.do_classifier_free_guidance:
+            context = torch.cat([negative_prompt_embeds, prompt_embeds])
+        added_cond_kwargs = None
+        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+            image_embeds = self.prepare_ip_adapter_image_embeds(
+                ip_adapter_image, ip_adapter_image_embeds, self._execution_device, prompt_embeds.shape[0],
+                self.do_classifier_free_guidance,
+            )  # fmt: skip
+            added_cond_kwargs = {"image_embeds": image_embeds}
+        return context, negative_prompt_embeds, added_cond_kwargs
 
     # ------------------------------------------------------------------ step 3: timesteps
 
@@ -339,54 +371,6 @@ class LatentPipeline(
         )
 
     # ------------------------------------------------------------------ shared by every pipeline's __call__
-
-    def start_call(
-        self, guidance_scale: float, guidance_rescale: float, clip_skip: int | None, cross_attention_kwargs
-    ) -> None:
-        """Record the call's settings where the properties (and callbacks) read them."""
-        self._guidance_scale = guidance_scale
-        self._guidance_rescale = guidance_rescale
-        self._clip_skip = clip_skip
-        self._cross_attention_kwargs = cross_attention_kwargs
-        self._interrupt = False
-        self._step_state = {}
-
-    def encode_conditions(
-        self,
-        prompt,
-        negative_prompt,
-        num_images: int,
-        prompt_embeds,
-        negative_prompt_embeds,
-        ip_adapter_image,
-        ip_adapter_image_embeds,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, dict | None]:
-        """Step 2: text (and IP-Adapter image) conditioning; under guidance the text is [negative; positive]."""
-        lora_scale = (self.cross_attention_kwargs or {}).get("scale")
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, self._execution_device, num_images, self.do_classifier_free_guidance, negative_prompt,
-            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, lora_scale=lora_scale,
-            clip_skip=self.clip_skip,
-        )  # fmt: skip
-        context = prompt_embeds
-        if self.do_classifier_free_guidance:
-            context = torch.cat([negative_prompt_embeds, prompt_embeds])
-        added_cond_kwargs = None
-        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
-            image_embeds = self.prepare_ip_adapter_image_embeds(
-                ip_adapter_image, ip_adapter_image_embeds, self._execution_device, prompt_embeds.shape[0],
-                self.do_classifier_free_guidance,
-            )  # fmt: skip
-            added_cond_kwargs = {"image_embeds": image_embeds}
-        return context, negative_prompt_embeds, added_cond_kwargs
-
-    def guidance_embedding(self, batch: int, dtype: torch.dtype) -> torch.Tensor | None:
-        """The guidance-scale embedding a guidance-distilled (LCM) UNet takes; None for other UNets."""
-        dim = self.unet.config.time_cond_proj_dim
-        if dim is None:
-            return None
-        scale = torch.tensor(self.guidance_scale - 1).repeat(batch)
-        return self.get_guidance_scale_embedding(scale, embedding_dim=dim).to(self._execution_device, dtype)
 
     def finish_call(self, images, return_dict: bool):
         """Free offloaded models and wrap the images as diffusers does (no NSFW check runs: None)."""
