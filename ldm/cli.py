@@ -1,14 +1,22 @@
-"""`ldm-generate`: sample images from a saved pipeline folder or Hub repository."""
+"""`ldm-generate`: sample images from a saved pipeline folder or Hub repository.
+
+Text-to-image by default; `--image` turns it into img2img, `--image` with `--mask` into inpainting, and `--lora`
+loads a LoRA (diffusers or kohya format) first.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
+import PIL.Image
 import torch
 
-from ldm.checks import check_count, check_guidance, check_image_size
+from ldm.checks import check_count, check_guidance, check_image_size, check_mask_fits, check_strength
 from ldm.images import image_grid
+from ldm.img2img import LatentImg2ImgPipeline
+from ldm.inpaint import LatentInpaintPipeline
 from ldm.pipeline import LatentPipeline
 from ldm.schedulers import SCHEDULERS, scheduler_from_name
 
@@ -30,19 +38,63 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--scheduler", choices=sorted(SCHEDULERS), default="ddim", help="Sampler (default ddim)."
     )
+    parser.add_argument("--image", default=None, help="Start from this image (img2img; its size is kept).")
+    parser.add_argument("--mask", default=None, help="With --image: repaint where this mask is white.")
+    parser.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="With --image: 0 keeps it, 1 replaces it (default 0.8, 1.0 with --mask).",
+    )
+    parser.add_argument(
+        "--lora", default=None, help="A LoRA folder or .safetensors file (diffusers or kohya keys)."
+    )
+    parser.add_argument(
+        "--lora_scale", type=float, default=1.0, help="How strongly the LoRA applies (default 1)."
+    )
     parser.add_argument("--out", default="out.png", help="PNG path: one image, or a grid of all of them.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 
 
+def open_image(
+    parser: argparse.ArgumentParser, flag: str, path: str | None, mode: str
+) -> PIL.Image.Image | None:
+    """The image at `path` converted to `mode`, or exit 2 naming the flag."""
+    if path is None:
+        return None
+    try:
+        with PIL.Image.open(path) as image:
+            return image.convert(mode)
+    except (OSError, ValueError) as err:
+        parser.error(f"{flag} {path}: not a readable image ({err}).")
+
+
+def check_image_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The flags that only make sense together, and their values."""
+    if args.image is None:
+        for flag, value in (("--mask", args.mask), ("--strength", args.strength)):
+            if value is not None:
+                parser.error(f"{flag} needs --image (the picture to start from or repaint).")
+    elif args.mask is None and (args.height is not None or args.width is not None):
+        parser.error("--height/--width do not apply with --image alone: the image's size is kept; resize it.")
+    if args.strength is not None:
+        check_strength(args.strength)
+    if not math.isfinite(args.lora_scale):
+        raise ValueError(f"--lora_scale={args.lora_scale} must be a finite number (1 = as trained).")
+    if args.lora is not None and not Path(args.lora).exists():
+        raise ValueError(f"--lora {args.lora}: no such file or folder.")
+
+
 def load_checked(parser: argparse.ArgumentParser, args: argparse.Namespace) -> LatentPipeline:
-    """Check the flags, then load the pipeline; a problem exits 2 with one line that names the flag."""
+    """Check the flags, then load the pipeline (and LoRA); a problem exits 2 with one line that names the flag."""
     try:
         check_count("--steps", args.steps, example=50)
         check_count("--num", args.num, example=1)
         check_guidance(args.guidance, name="--guidance")
+        check_image_flags(parser, args)
     except ValueError as err:
-        parser.error(str(err))
+        parser.error(str(err).replace("strength=", "--strength="))
     try:
         pipe = LatentPipeline.from_pretrained(args.model)
     except (OSError, ValueError) as err:
@@ -53,7 +105,36 @@ def load_checked(parser: argparse.ArgumentParser, args: argparse.Namespace) -> L
                 check_image_size(flag, size, pipe.vae_scale_factor)
     except ValueError as err:
         parser.error(str(err))
+    if args.lora is not None:
+        try:
+            pipe.load_lora_weights(args.lora)
+        except (OSError, ValueError, KeyError) as err:
+            parser.error(f"--lora {args.lora}: {str(err).strip().splitlines()[0]}")
     return pipe
+
+
+def image_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace, pipe: LatentPipeline):
+    """The pipeline for the mode the flags ask for, and its image arguments."""
+    image, mask = (
+        open_image(parser, "--image", args.image, "RGB"),
+        open_image(parser, "--mask", args.mask, "L"),
+    )
+    if image is None:
+        return pipe, {"height": args.height, "width": args.width}
+    if mask is None:
+        return LatentImg2ImgPipeline.from_pipe(pipe), {"image": image, "strength": args.strength or 0.8}
+    try:
+        check_mask_fits(image, mask)
+    except ValueError as err:
+        parser.error(f"--mask {args.mask}: {err}")
+    strength = 1.0 if args.strength is None else args.strength
+    sizes = {"height": args.height or image.height, "width": args.width or image.width}
+    return LatentInpaintPipeline.from_pipe(pipe), {
+        "image": image,
+        "mask_image": mask,
+        "strength": strength,
+        **sizes,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     pipe = load_checked(parser, args)
     pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
+    pipe, image_kwargs = image_inputs(parser, args, pipe)
     pipe.to(args.device)
     total = len(args.prompts) * args.num
     # One generator per image, so an image does not change when more prompts or images are asked for.
@@ -73,9 +155,9 @@ def main(argv: list[str] | None = None) -> None:
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         num_images_per_prompt=args.num,
-        height=args.height,
-        width=args.width,
         generator=generators,
+        cross_attention_kwargs=None if args.lora is None else {"scale": args.lora_scale},
+        **image_kwargs,
     ).images
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

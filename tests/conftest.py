@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
 
 from ldm.presets import build_pipeline
 from ldm.tokenizer import write_clip_tokenizer
@@ -11,6 +15,8 @@ from tests.training_helpers import make_world
 
 torch.set_num_threads(2)
 
+LORA_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 WORDS = "a an of the red green blue cat dog circle square on left right top bottom at in center photo".split()
 
 
@@ -42,3 +48,25 @@ def saved_tiny_pipe(tokenizer_dir, tmp_path_factory):
 def world(tmp_path_factory):
     """A tiny base pipeline and a 16 px synthetic imagefolder with one corrupt image, for training launches."""
     return make_world(tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture(scope="session")
+def lora_dir(tokenizer_dir, tmp_path_factory):
+    """A LoRA on the tiny UNet and text encoder (random, non-zero up weights), saved by diffusers."""
+    pipe = build_pipeline("tiny", tokenizer_dir, seed=0)
+    torch.manual_seed(3)
+    pipe.unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=8, target_modules=LORA_UNET_TARGETS, init_lora_weights=False)
+    )
+    pipe.text_encoder.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TEXT_TARGETS, init_lora_weights=False)
+    )
+    folder = tmp_path_factory.mktemp("lora")
+    StableDiffusionPipeline.save_lora_weights(
+        folder,
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)),
+        text_encoder_lora_layers=convert_state_dict_to_diffusers(
+            get_peft_model_state_dict(pipe.text_encoder)
+        ),
+    )
+    return folder

@@ -6,16 +6,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from ldm import LatentPipeline
-from ldm.presets import build_pipeline
-
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 def both(folder, scheduler=None):
@@ -35,26 +28,6 @@ def max_diff(ours, theirs, **kwargs) -> float:
     a = ours(**kwargs, generator=torch.Generator().manual_seed(5)).images
     b = theirs(**kwargs, generator=torch.Generator().manual_seed(5)).images
     return float(np.abs(a - b).max())
-
-
-@pytest.fixture(scope="module")
-def lora_dir(tokenizer_dir, tmp_path_factory):
-    """A LoRA on the tiny UNet and text encoder (random, non-zero up weights), saved by diffusers."""
-    pipe = build_pipeline("tiny", tokenizer_dir, seed=0)
-    torch.manual_seed(3)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=UNET_TARGETS, init_lora_weights=False))
-    pipe.text_encoder.add_adapter(
-        LoraConfig(r=4, lora_alpha=4, target_modules=TEXT_TARGETS, init_lora_weights=False)
-    )
-    folder = tmp_path_factory.mktemp("lora")
-    StableDiffusionPipeline.save_lora_weights(
-        folder,
-        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)),
-        text_encoder_lora_layers=convert_state_dict_to_diffusers(
-            get_peft_model_state_dict(pipe.text_encoder)
-        ),
-    )
-    return folder
 
 
 def test_lora_loads_scales_and_fuses_as_in_diffusers(saved_tiny_pipe, lora_dir):
