@@ -302,6 +302,20 @@ def test_cli_reuses_matching_data(tmp_path, capsys):
     assert "Wrote 6 images" in capsys.readouterr().out
 
 
+def test_colors_restrict_the_palette_and_default_configs_are_unchanged(tmp_path):
+    args = ["--num_images", "12", "--resolution", "16", "--num_heldout", "3"]
+    main(["--out_dir", str(tmp_path / "all"), *args])
+    assert "colors" not in json.loads((tmp_path / "all" / "generator_config.json").read_text())
+    main(["--out_dir", str(tmp_path / "cyan"), *args, "--colors", "cyan"])
+    assert {row["color"] for row in _read_jsonl(tmp_path / "cyan" / "train" / "metadata.jsonl")} == {"cyan"}
+    assert {row["color"] for row in _read_jsonl(tmp_path / "cyan" / "heldout_prompts.jsonl")} == {"cyan"}
+    main(["--out_dir", str(tmp_path / "no-cyan"), *args, "--colors", *[c for c in COLORS if c != "cyan"]])
+    rows = _read_jsonl(tmp_path / "no-cyan" / "train" / "metadata.jsonl")
+    assert "cyan" not in {row["color"] for row in rows} and all("cyan" not in row["text"] for row in rows)
+    with pytest.raises(ValueError, match="unknown: \\['orange'\\]"):
+        main(["--out_dir", str(tmp_path / "bad"), *args, "--colors", "orange"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Detector
 # ----------------------------------------------------------------------------------------------

@@ -209,9 +209,13 @@ def _config(
     num_heldout: int,
     exclude_heldout_from_train: bool,
     caption_noise: float,
+    colors: tuple[str, ...] | None = None,
 ) -> dict:
-    """The settings that determine a dataset's bytes, as stored in generator_config.json."""
-    return {
+    """The settings that determine a dataset's bytes, as stored in generator_config.json.
+
+    `colors` is recorded only when it restricts the palette, so datasets of every colour keep their old config.
+    """
+    config = {
         "generator_version": GENERATOR_VERSION,
         "num_images": num_images,
         "resolution": resolution,
@@ -220,6 +224,21 @@ def _config(
         "exclude_heldout_from_train": exclude_heldout_from_train,
         "caption_noise": caption_noise,
     }
+    if colors is not None and tuple(colors) != tuple(COLORS):
+        config["colors"] = list(colors)
+    return config
+
+
+def palette_combinations(colors: tuple[str, ...] | None = None) -> list[tuple[str, str, str]]:
+    """`all_combinations()` restricted to `colors` (all colours when None), in the same order."""
+    if colors is None:
+        return all_combinations()
+    unknown = [color for color in colors if color not in COLORS]
+    if unknown or not colors or len(set(colors)) != len(colors):
+        raise ValueError(
+            f"colors={list(colors)} must be distinct names from {list(COLORS)}; unknown: {unknown or 'none'}."
+        )
+    return [combo for combo in all_combinations() if combo[1] in colors]
 
 
 def _check_dataset_args(config: dict) -> None:
@@ -229,7 +248,7 @@ def _check_dataset_args(config: dict) -> None:
         config["num_heldout"],
         config["caption_noise"],
     )
-    num_combos = len(all_combinations())
+    num_combos = len(palette_combinations(config.get("colors")))
     for name, value, low in (
         ("num_images", num_images, 1),
         ("seed", config["seed"], 0),
@@ -296,6 +315,7 @@ def dataset_is_current(
     num_heldout: int = 30,
     exclude_heldout_from_train: bool = False,
     caption_noise: float = 0.0,
+    colors: tuple[str, ...] | None = None,
 ) -> bool:
     """Whether ``out_dir`` already holds a complete dataset generated with exactly these settings.
 
@@ -312,7 +332,9 @@ def dataset_is_current(
     config_path = out_dir / "generator_config.json"
     if not config_path.is_file() or not (out_dir / "train" / "metadata.jsonl").is_file():
         return False
-    wanted = _config(num_images, resolution, seed, num_heldout, exclude_heldout_from_train, caption_noise)
+    wanted = _config(
+        num_images, resolution, seed, num_heldout, exclude_heldout_from_train, caption_noise, colors
+    )
     return json.loads(config_path.read_text(encoding="utf-8")) == wanted
 
 
@@ -324,6 +346,7 @@ def generate_dataset(
     num_heldout: int = 30,
     exclude_heldout_from_train: bool = False,
     caption_noise: float = 0.0,
+    colors: tuple[str, ...] | None = None,
 ) -> dict:
     """Write the captioned shapes dataset as a Hugging Face ``datasets`` imagefolder.
 
@@ -347,6 +370,8 @@ def generate_dataset(
             a uniform draw from a generator seeded with ``(seed, 4, i)`` falls below it (and some one-attribute
             change of it is not held out), so the images and the clean captions do not depend on this setting.
             The row's ``caption_is_correct`` says which captions are wrong.
+        colors: Draw only shapes of these colours (all of ``COLORS`` when None); held-out prompts come from the
+            same palette. Misnamed captions may still name any colour.
 
     Returns:
         A summary: ``out_dir``, ``train_dir``, ``metadata_path``, ``heldout_path``, ``config_path``,
@@ -356,7 +381,9 @@ def generate_dataset(
         ValueError: On an argument out of range, or if ``out_dir/train`` holds files that this function did
             not write (delete them or choose another ``out_dir``).
     """
-    config = _config(num_images, resolution, seed, num_heldout, exclude_heldout_from_train, caption_noise)
+    config = _config(
+        num_images, resolution, seed, num_heldout, exclude_heldout_from_train, caption_noise, colors
+    )
     _check_dataset_args(config)
     out_dir = Path(out_dir)
     train_dir = out_dir / "train"
@@ -373,7 +400,7 @@ def generate_dataset(
     config_path.unlink(missing_ok=True)
     train_dir.mkdir(parents=True, exist_ok=True)
 
-    combos = all_combinations()
+    combos = palette_combinations(colors)
     # Separate streams for the held-out set, the training order and each image, so that changing
     # num_images neither changes the held-out set nor re-renders the images the runs share.
     heldout_order = np.random.default_rng((seed, 1)).permutation(len(combos))
@@ -453,8 +480,15 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="fraction of training captions that misname one attribute, as noisy web captions do (default 0)",
     )
+    parser.add_argument(
+        "--colors",
+        nargs="+",
+        default=None,
+        help=f"draw only these colours (default all: {' '.join(COLORS)}), e.g. to hold a colour out of training",
+    )
     args = parser.parse_args(argv)
     settings = {k: v for k, v in vars(args).items() if k != "out_dir"}
+    settings["colors"] = None if args.colors is None else tuple(args.colors)
     if dataset_is_current(args.out_dir, **settings):
         print(f"Reusing the dataset in {args.out_dir}: it was generated with the same settings.")
         return
