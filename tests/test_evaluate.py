@@ -14,9 +14,11 @@ import torch
 
 from ldm.presets import build_pipeline
 from ldm.shapes.adherence import (
+    accuracy_by_color,
     adherence_grid,
     best_guidance,
     evaluate_adherence,
+    format_color_table,
     format_table,
     load_heldout_prompts,
     results_to_json,
@@ -118,6 +120,21 @@ def test_always_a_circle_scores_the_fraction_of_circle_prompts_on_shape():
         for sample in entry["samples"]:
             assert sample["correct"]["shape"] == (sample["expected"]["shape"] == "circle")
             assert sample["detected"]["shape"] == "circle"
+
+
+def test_accuracy_by_color_counts_each_asked_for_colour():
+    def red_always(shape, color, position, rng):
+        return render(shape, "red", position, RESOLUTION, rng)
+
+    results = evaluate_adherence(FakePipe(red_always), PROMPTS, guidance_scales=(7.5,), seeds=(0,))
+    by_color = accuracy_by_color(results)[7.5]
+    assert by_color["red"] == {
+        "color": 1.0,
+        "all": 1.0,
+        "num_images": sum(p["color"] == "red" for p in PROMPTS),
+    }
+    assert all(entry["color"] == 0.0 for color, entry in by_color.items() if color != "red")
+    assert "     red     100.0%    100.0%" in format_color_table(results).splitlines()
 
 
 def test_best_guidance_table_and_json():
@@ -278,6 +295,7 @@ def test_script_writes_report_table_and_grids(world, tmp_path, capsys):
     assert {p.name for p in out_dir.iterdir()} == {
         "adherence.json",
         "adherence.txt",
+        "adherence_by_color.txt",
         "grid.png",
         "grid_g1.png",
     }

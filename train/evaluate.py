@@ -9,6 +9,9 @@ same noise at every scale -> read shape, colour and position back with the detec
     out_dir/adherence.txt    the accuracy table (also printed)
     out_dir/grid.png         the held-out prompts at the best guidance scale, first seed
     out_dir/grid_g1.png      the same prompts and noise at guidance 1 (no guidance), for contrast
+    out_dir/adherence_by_color.txt   per asked-for colour: colour and all-three accuracy at each scale
+
+`--lora` evaluates the pipeline with a LoRA loaded (a folder or .safetensors file train_ldm.py --lora_rank wrote).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from ldm.shapes.adherence import (
     adherence_grid,
     best_guidance,
     evaluate_adherence,
+    format_color_table,
     format_table,
     load_heldout_prompts,
     results_to_json,
@@ -36,8 +40,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Prompt adherence of a pipeline on held-out shape prompts.")
     parser.add_argument("--model", required=True, help="Pipeline folder (save_pretrained layout).")
     parser.add_argument(
-        "--prompts", required=True, help="heldout_prompts.jsonl written by ldm.shapes.synthetic."
+        "--prompts",
+        required=True,
+        nargs="+",
+        help="heldout_prompts.jsonl files written by ldm.shapes.synthetic.",
     )
+    parser.add_argument("--lora", default=None, help="A LoRA folder or file to load into the pipeline first.")
     parser.add_argument(
         "--guidance_scales", type=float, nargs="+", default=[1.0, 3.0, 7.5], help="Scales (default 1 3 7.5)."
     )
@@ -52,8 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     """Evaluate, write the report files, print the table and the best scale; returns the JSON results."""
     args = parse_args(argv)
-    prompts = load_heldout_prompts(args.prompts)  # before the model loads: a bad file fails in a second
+    # Before the model loads: a bad file fails in a second.
+    prompts = [row for path in args.prompts for row in load_heldout_prompts(path)]
     pipe = LatentPipeline.from_pretrained(args.model)
+    if args.lora is not None:
+        pipe.load_lora_weights(args.lora)
     # Deterministic DDIM (eta = 0) over the saved training schedule, whatever sampler the folder names.
     pipe.scheduler = scheduler_from_name("ddim", pipe.scheduler.config)
     pipe.to(args.device)
@@ -74,6 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "adherence.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out_dir / "adherence.txt").write_text(table + "\n", encoding="utf-8")
+    color_table = format_color_table(results)
+    (out_dir / "adherence_by_color.txt").write_text(color_table + "\n", encoding="utf-8")
     grids = {
         scale: adherence_grid(
             pipe,
@@ -89,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     grids[1.0].save(out_dir / "grid_g1.png")
 
     print(table)
+    print(color_table)
     print(
         f"best guidance scale: {best:g} ({100 * results['scales'][best]['accuracy']['all']:.1f}% all correct)"
     )

@@ -268,6 +268,42 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def accuracy_by_color(results: dict) -> dict[float, dict[str, dict[str, float]]]:
+    """Per guidance scale and asked-for colour: the fraction of its images whose colour, and all three
+    attributes, the detector reads as asked. {scale: {color: {"color": .., "all": .., "num_images": n}}}."""
+    table: dict[float, dict[str, dict[str, float]]] = {}
+    for scale, entry in results["scales"].items():
+        groups: dict[str, list[dict]] = {}
+        for record in entry["samples"]:
+            groups.setdefault(record["expected"]["color"], []).append(record)
+        table[scale] = {
+            color: {
+                "color": sum(r["correct"]["color"] for r in records) / len(records),
+                "all": sum(r["correct"]["all"] for r in records) / len(records),
+                "num_images": len(records),
+            }
+            for color, records in groups.items()
+        }
+    return table
+
+
+def format_color_table(results: dict) -> str:
+    """A plain-text table: one row per asked-for colour, colour and all-three accuracy at each guidance scale."""
+    by_color = accuracy_by_color(results)
+    scales = list(by_color)
+    header = f"{'color':>8}" + "".join(
+        f"{'color@' + format(s, 'g'):>11}{'all@' + format(s, 'g'):>10}" for s in scales
+    )
+    lines = [header, "-" * len(header)]
+    for color in next(iter(by_color.values())):
+        cells = "".join(
+            f"{100 * by_color[s][color]['color']:>10.1f}%{100 * by_color[s][color]['all']:>9.1f}%"
+            for s in scales
+        )
+        lines.append(f"{color:>8}" + cells)
+    return "\n".join(lines)
+
+
 def results_to_json(results: dict) -> dict:
     """The results as plain JSON types: ``scales`` becomes a list of entries, each with its ``guidance_scale``.
 
