@@ -3,7 +3,8 @@
 The package map (README's Layout section has the same table):
 
 - sampling and what it shares with training: `pipeline` (`LatentPipeline`, its numbered steps; the sampler step is
-  the diffusers scheduler's, called in `LatentPipeline.denoise`), `checks` (argument and component checks),
+  the diffusers scheduler's, called in `LatentPipeline.denoise`), `img2img` and `inpaint` (their own steps only),
+  `pipeline_io` (load, save, upload), `call_state` and `guidance`, `checks` (argument and component checks),
   `encoding` (text embeddings, latent scaling), `presets` (model shapes), `schedulers` (samplers by name),
   `tokenizer`, `hub`, `cli` (`ldm-generate`), `images`, `seeding`.
 - `training/`: `config` -> `sources` -> `data` (+ `transforms`: every per-sample random draw) -> `latent_cache` ->
