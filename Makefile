@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Pinned and installed before the package: an unpinned torch makes pip pull the CUDA build (several GB).
 TORCH_VERSION := 2.13.0
 
-.PHONY: setup test demo bench
+.PHONY: setup test demo bench lora-demo lora-demo-base
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,3 +51,37 @@ demo: setup
 
 bench: demo
 	$(BIN)/python benchmarks/cache_speed.py --steps 100 --demo_dir $(DEMO)
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA teaches a new colour (README, "LoRA"): a base model trained on shapes of five colours, whose tokenizer already
+# knows the word for a sixth, then a rank-8 LoRA fine-tuned on a few hundred images of that colour only.
+LORA_DEMO := outputs/lora-demo
+NEW_COLOR := cyan
+BASE_COLORS := red green blue yellow purple
+
+lora-demo-base: setup
+	$(BIN)/python -m ldm.shapes.synthetic --out_dir $(LORA_DEMO)/data --num_images 4000 --resolution 64 --seed 0 \
+		--num_heldout 75 --colors $(BASE_COLORS)
+	$(BIN)/python -m ldm.shapes.synthetic --out_dir $(LORA_DEMO)/$(NEW_COLOR) --num_images 300 --resolution 64 --seed 1 \
+		--num_heldout 15 --colors $(NEW_COLOR)
+	$(LAUNCH) train/train_vae.py --train_data_dir $(LORA_DEMO)/data --vae_preset small --resolution 64 \
+		--train_batch_size 8 --max_train_steps 700 --learning_rate 1e-3 --lr_scheduler cosine \
+		--lr_warmup_steps 50 --recon_loss l2 --seed 0 --report_to none --output_dir $(LORA_DEMO)/vae
+	$(BIN)/python -m ldm.shapes.text_stack --captions $(LORA_DEMO)/data/train/metadata.jsonl \
+		$(LORA_DEMO)/$(NEW_COLOR)/train/metadata.jsonl --vae $(LORA_DEMO)/vae --out_dir $(LORA_DEMO)/base --max_length 16
+	$(LAUNCH) train/train_ldm.py --config configs/demo.yaml --resume_from_checkpoint latest \
+		--pretrained_model_name_or_path $(LORA_DEMO)/base --train_data_dir $(LORA_DEMO)/data \
+		--output_dir $(LORA_DEMO)/ldm --cache_dir $(LORA_DEMO)/cache --report_to none
+
+lora-demo: lora-demo-base
+	$(LAUNCH) train/train_ldm.py --config configs/lora_demo.yaml --resume_from_checkpoint latest \
+		--pretrained_model_name_or_path $(LORA_DEMO)/ldm --train_data_dir $(LORA_DEMO)/$(NEW_COLOR) \
+		--output_dir $(LORA_DEMO)/lora --cache_dir $(LORA_DEMO)/cache
+	$(BIN)/python train/evaluate.py --model $(LORA_DEMO)/ldm --guidance_scales 7.5 --seeds 0 1 --steps 25 \
+		--prompts $(LORA_DEMO)/data/heldout_prompts.jsonl $(LORA_DEMO)/$(NEW_COLOR)/heldout_prompts.jsonl \
+		--out_dir $(LORA_DEMO)/eval-base
+	$(BIN)/python train/evaluate.py --model $(LORA_DEMO)/ldm --lora $(LORA_DEMO)/lora --guidance_scales 7.5 \
+		--seeds 0 1 --steps 25 --out_dir $(LORA_DEMO)/eval-lora \
+		--prompts $(LORA_DEMO)/data/heldout_prompts.jsonl $(LORA_DEMO)/$(NEW_COLOR)/heldout_prompts.jsonl
+	@echo "Base: $(LORA_DEMO)/eval-base/adherence_by_color.txt   With the LoRA: $(LORA_DEMO)/eval-lora/adherence_by_color.txt"
+

@@ -91,7 +91,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--captions", required=True, help="metadata.jsonl of the training imagefolder")
+    parser.add_argument(
+        "--captions",
+        required=True,
+        nargs="+",
+        help="metadata.jsonl of the training imagefolder (several: their words in order, e.g. for later fine-tunes)",
+    )
     parser.add_argument("--caption_column", default="text")
     parser.add_argument("--vae", required=True, help="folder of a trained AutoencoderKL (train/train_vae.py)")
     parser.add_argument("--out_dir", required=True)
@@ -107,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = Path(args.out_dir)
     # The inputs' contents, not just their paths: a regenerated dataset or retrained VAE must rebuild the base.
     stamp = {k: str(v) for k, v in vars(args).items()}
-    stamp["captions_sha256"] = file_digest(Path(args.captions))
+    stamp["captions"] = " ".join(args.captions)  # one file: the same stamp as before several were allowed
+    stamp["captions_sha256"] = file_digest(*map(Path, args.captions))
     stamp["vae_sha256"] = file_digest(
         *sorted(Path(args.vae).glob("*.safetensors")), Path(args.vae) / "config.json"
     )
@@ -121,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"--out_dir {out_dir} is not empty and was not written by ldm.shapes.text_stack; choose another."
             )
         shutil.rmtree(out_dir)
-    captions = read_captions(args.captions, args.caption_column)
+    captions = [c for path in args.captions for c in read_captions(path, args.caption_column)]
     build_text_stack(captions, out_dir, args.preset, args.seed, args.max_length)
     assemble_base(out_dir, args.vae)
     stamp_path.write_text(json.dumps(stamp, indent=2))
