@@ -41,6 +41,17 @@ def unscale_latents(latents: torch.Tensor, vae) -> torch.Tensor:
     return z + shift if shift is not None else z
 
 
+@torch.no_grad()
+def encode_moments(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE posterior's moments (mean, log variance) for pixels (B, 3, H, W) in [-1, 1]: (B, 2C, H/f, W/f).
+
+    The pixels go in channels-last: oneDNN's convolutions then run about 1.3x faster on CPU (measured on the demo's
+    8x VAE at 64 px, batch 64: 359 vs 283 ms), and cuDNN prefers that layout too. The result is made contiguous.
+    """
+    pixels = pixels.to(vae.device, vae.dtype).contiguous(memory_format=torch.channels_last)
+    return vae.encode(pixels).latent_dist.parameters.contiguous()
+
+
 def encode_text(
     tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, texts: list[str], clip_skip: int | None = None
 ) -> torch.Tensor:

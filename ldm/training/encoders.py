@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from ldm.encoding import encode_text, scale_latents
+from ldm.encoding import encode_moments, encode_text, scale_latents
 from ldm.training.config import TrainConfig
 from ldm.training.latent_cache import LatentCache
 from ldm.training.transforms import caption_dropout_mask, draw_sample
@@ -51,8 +51,7 @@ class LiveBatchEncoder(_BatchEncoder):
     @torch.no_grad()
     def __call__(self, batch: dict, generator: torch.Generator, drop_captions: bool = True):
         """(latents (B, C, h, w) fp32, text embeddings (B, 77, D)) for a batch of pixels and captions."""
-        pixels = batch["pixel_values"].to(self.vae.device, self.vae.dtype)  # (B, 3, H, W)
-        moments = self.vae.encode(pixels).latent_dist.parameters  # (B, 2C, h, w)
+        moments = encode_moments(self.vae, batch["pixel_values"])  # (B, 2C, h, w)
         latents = sample_latents(moments, self.vae, generator)
         dropped = self.dropped(batch["indices"].tolist(), drop_captions)
         captions = ["" if d else c for c, d in zip(batch["captions"], dropped, strict=True)]

@@ -22,7 +22,7 @@ from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ldm.encoding import encode_text
+from ldm.encoding import encode_moments, encode_text
 from ldm.training.data import TrainDataset
 from ldm.training.integrity import verify_manifest, write_manifest
 from ldm.training.transforms import DECODE_ERRORS
@@ -138,9 +138,9 @@ def _encode_shard(indices, dataset: TrainDataset, vae, random_flip: bool, desc: 
                 logger.warning("Skipping sample %d: cannot decode image: %s", index, error)
                 pixels.append(torch.zeros(3, side, side))
                 ok.append(False)
-        x = torch.stack(pixels).to(vae.device, vae.dtype)  # (b, 3, H, W)
-        twins = [vae.encode(x).latent_dist.parameters]
-        twins.append(vae.encode(torch.flip(x, dims=[-1])).latent_dist.parameters if random_flip else twins[0])
+        x = torch.stack(pixels)  # (b, 3, H, W)
+        twins = [encode_moments(vae, x)]
+        twins.append(encode_moments(vae, torch.flip(x, dims=[-1])) if random_flip else twins[0])
         moments.append(torch.stack(twins, dim=1).cpu())  # (b, 2, 2C, h, w)
         valid += ok
     return torch.cat(moments), torch.tensor(valid, dtype=torch.bool)
