@@ -16,7 +16,6 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator, DistributedType
 from accelerate.logging import get_logger
@@ -29,8 +28,6 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.checks import check_components_fit, check_local_or_hub
 from ldm.encoding import vae_scale_factor
-from ldm.images import image_grid
-from ldm.pipeline import LatentPipeline
 from ldm.presets import build_unet, sd_scheduler
 from ldm.seeding import keyed_generator
 from ldm.training.checkpoint import (
@@ -57,8 +54,10 @@ from ldm.training.distributed import (
 from ldm.training.encoders import CachedBatchEncoder, LiveBatchEncoder
 from ldm.training.guards import check_same_run, claim_output_dir, lock_output_dir, run_fingerprint
 from ldm.training.latent_cache import CachedIndexDataset, build_cache
-from ldm.training.loss import training_loss, validation_loss
+from ldm.training.lora import add_lora, trainable_parameters
+from ldm.training.loss import training_loss
 from ldm.training.sources import check_data_files
+from ldm.training.validation import validate
 
 logger = get_logger(__name__)
 NUM_VALIDATION_LOSS_SAMPLES = 8
@@ -195,7 +194,8 @@ def training_schedule(noise_scheduler: DDPMScheduler, config: TrainConfig) -> DD
 
 
 def load_unet(config: TrainConfig, text_encoder: CLIPTextModel, vae: AutoencoderKL) -> UNet2DConditionModel:
-    """The UNet to train: a preset built from scratch, or the one in the pretrained pipeline."""
+    """The UNet to train: a preset built from scratch, or the one in the pretrained pipeline (frozen, with a LoRA
+    adapter to train, in a LoRA run)."""
     if config.unet_preset:
         unet = build_unet(
             config.unet_preset,
@@ -207,6 +207,8 @@ def load_unet(config: TrainConfig, text_encoder: CLIPTextModel, vae: Autoencoder
             config.pretrained_model_name_or_path, subfolder="unet", revision=config.revision
         )
     check_components_fit(unet, text_encoder, vae, source=config.pretrained_model_name_or_path)
+    if config.lora_rank is not None:
+        add_lora(unet, config)
     return unet
 
 
@@ -215,6 +217,8 @@ def prepare_unet(
 ) -> EMAModel | None:
     """Put the UNet in training mode with the asked memory options; returns its EMA shadow when EMA is on."""
     unet.train()
+    if config.lora_rank is not None and accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError("LoRA training is not supported with FSDP here; use DDP (the adapter is small).")
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if config.enable_xformers_memory_efficient_attention:
@@ -229,8 +233,11 @@ def prepare_unet(
         raise ValueError(
             "use_ema is not supported with FSDP (the EMA copy would be unsharded); use DDP or ZeRO-2."
         )
-    ema_unet = EMAModel(
-        unet.parameters(), decay=config.ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config
+    ema_unet = EMAModel(  # over what trains: every weight, or a LoRA run's adapter
+        trainable_parameters(unet),
+        decay=config.ema_decay,
+        model_cls=UNet2DConditionModel,
+        model_config=unet.config,
     )
     # Saved with each checkpoint as safetensors (checkpoint.save_ema), not registered with accelerate, which
     # would pickle it and unpickle it on resume.
@@ -273,70 +280,6 @@ def make_loader(accelerator, train_dataset, live_encoder: LiveBatchEncoder, conf
 
 
 # ----------------------------------------------------------------------------- validation and saving
-
-
-def validation_grid(pipe: LatentPipeline, config: TrainConfig, seed: int):
-    """A grid of the validation prompts (DDIM, guidance, fixed seed), one image per prompt."""
-    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(config.validation_prompts))]
-    images = pipe(
-        config.validation_prompts,
-        num_inference_steps=config.validation_inference_steps,
-        guidance_scale=config.validation_guidance_scale,
-        # With zero terminal SNR, guidance over-exposes unless rescaled (Lin et al. 2023, sec. 3.4, phi = 0.7).
-        guidance_rescale=0.7 if config.rescale_betas_zero_snr else 0.0,
-        generator=generators,
-        height=config.resolution,
-        width=config.resolution,
-    ).images
-    return image_grid(images)
-
-
-def log_validation(accelerator, pipe, config: TrainConfig, seed: int, step: int) -> Path | None:
-    """Save and log the validation grid (main process only); returns its path."""
-    if not config.validation_prompts:
-        return None
-    grid = validation_grid(pipe, config, seed)
-    path = Path(config.output_dir) / "validation" / f"step-{step:06d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_images("validation", np.asarray(grid)[None], step, dataformats="NHWC")
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log(
-                {"validation": wandb.Image(grid, caption=" | ".join(config.validation_prompts))}, step=step
-            )
-    return path
-
-
-def validate(
-    accelerator, unet, export: PipelineExport, encoder, heldout_batch, noise_scheduler, config, step
-):
-    """Validation loss and sample grid of the current weights (EMA when on), on the main process.
-
-    A collective call (under FSDP the UNet is gathered first); returns ({"val_loss": ...}, grid path) on the main
-    process and ({}, None) elsewhere.
-    """
-    trained = full_unet(accelerator, unet)
-    if not accelerator.is_main_process:
-        return {}, None
-    logs, grid_path = {}, None
-    # A failing validation is logged, never fatal: it must not cost the run (its checkpoint is already saved).
-    try:
-        pipe = export.pipeline(trained)
-        # The pipeline's UNet is a plain fp32 module while the frozen encoders may run in half precision:
-        # autocast reconciles them as it does in training.
-        with accelerator.autocast():
-            if len(heldout_batch["indices"]):
-                logs["val_loss"] = validation_loss(
-                    pipe.unet, encoder, heldout_batch, noise_scheduler, config.seed
-                )
-            grid_path = log_validation(accelerator, pipe, config, config.seed, step)
-    except Exception as err:
-        logger.warning(f"Validation at step {step} failed ({type(err).__name__}: {err}); training goes on.")
-    return logs, grid_path
 
 
 def check_finite(loss: float, step: int, epoch: int, output_dir: Path) -> None:
@@ -402,7 +345,9 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer, text_encoder, vae, noise_scheduler = load_frozen_models(config, accelerator.device, dtype)
     unet = load_unet(config, text_encoder, vae)
     ema_unet = prepare_unet(unet, config, accelerator)
-    export = PipelineExport(vae, text_encoder, tokenizer, noise_scheduler, ema_unet)
+    export = PipelineExport(
+        vae, text_encoder, tokenizer, noise_scheduler, ema_unet, lora=config.lora_rank is not None
+    )
 
     # Batches: from the latent cache (encoded once, reused across runs) or live through the frozen encoders.
     live_encoder = LiveBatchEncoder(vae, text_encoder, tokenizer, config, seed)
@@ -410,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Optimisation: AdamW and the LR schedule; accelerate wraps them with the UNet and the data.
     config.max_train_steps, config.num_train_epochs = loader.schedule(config, accelerator.num_processes)
-    optimizer = make_optimizer(config, unet.parameters(), accelerator.num_processes)
+    optimizer = make_optimizer(config, trainable_parameters(unet), accelerator.num_processes)
     lr_scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer=optimizer,
@@ -459,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
 
             if accelerator.sync_gradients:  # one optimizer step done
                 if ema_unet is not None:
-                    ema_unet.step(unet.parameters())
+                    ema_unet.step(trainable_parameters(unet))
                 global_step += 1
                 progress.update(1)
                 # The logged loss is the mean over the accumulated micro-batches.

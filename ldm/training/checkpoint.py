@@ -8,6 +8,7 @@ on), `unet/` (the raw trained UNet), `config.yaml` and `trainer_state.json` (the
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -28,8 +29,11 @@ from ldm.pipeline import LatentPipeline
 from ldm.training.config import TrainConfig, save_config
 from ldm.training.distributed import full_unet
 from ldm.training.integrity import verify_manifest, write_manifest
+from ldm.training.lora import lora_model_card, save_lora, trainable_parameters
 
 logger = get_logger(__name__)
+# What a checkpoint holds to sample from: a whole pipeline, or only the adapter of a LoRA run.
+EXPORT_FOLDER = {False: "pipeline", True: "lora"}
 # For what may run outside an accelerate run too (resolving `latest` in a script or a test).
 warnings_logger = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.json"
@@ -231,18 +235,25 @@ def resume(accelerator: Accelerator, path: Path | None, ema_unet=None) -> Traini
 
 @dataclass
 class PipelineExport:
-    """The frozen parts and the EMA shadow, to turn trained UNet weights into a `LatentPipeline`."""
+    """The frozen parts and the EMA shadow, to turn trained UNet weights into a `LatentPipeline`.
+
+    With `lora` the EMA shadow holds only the adapter's weights; they go into a copy of the trained UNet.
+    """
 
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
     tokenizer: object
     noise_scheduler: object
     ema_unet: object | None = None
+    lora: bool = False
 
     def pipeline(self, trained_unet: UNet2DConditionModel) -> LatentPipeline:
         """A LatentPipeline on the trained weights (EMA weights when EMA is on), with DDIM sampling."""
         unet = trained_unet
-        if self.ema_unet is not None:
+        if self.ema_unet is not None and self.lora:
+            unet = copy.deepcopy(trained_unet)
+            self.ema_unet.copy_to(trainable_parameters(unet))
+        elif self.ema_unet is not None:
             unet = UNet2DConditionModel.from_config(trained_unet.config).to(trained_unet.device)
             self.ema_unet.copy_to(unet.parameters())
         pipe = LatentPipeline(
@@ -314,8 +325,11 @@ def save_checkpoint(
     accelerator.wait_for_everyone()  # every rank's part of the state is on disk before the folder is renamed
     trained = full_unet(accelerator, unet)
     if accelerator.is_main_process:
-        save_pipeline(export.pipeline(trained), partial / "pipeline")
-        trained.save_pretrained(partial / "unet")
+        if export.lora:  # the base UNet never changes: only the adapter (EMA weights when EMA is on)
+            save_lora(export.pipeline(trained).unet, config, partial / EXPORT_FOLDER[True])
+        else:
+            save_pipeline(export.pipeline(trained), partial / EXPORT_FOLDER[False])
+            trained.save_pretrained(partial / "unet")
         save_config(config, partial / "config.yaml")
         position.save(partial)
         (partial / RUN_FILE).write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
@@ -325,7 +339,7 @@ def save_checkpoint(
         final = finalize(partial)
         logger.info(f"Saved {final}")
         if uploader is not None:
-            uploader.submit(final / "pipeline", final.name)
+            uploader.submit(final / EXPORT_FOLDER[export.lora], final.name)
             for old in stale_checkpoints(config.output_dir, config.checkpoints_total_limit):
                 uploader.wait(old.name)  # do not delete files an upload is still reading
         prune(config.output_dir, config.checkpoints_total_limit)
@@ -342,14 +356,21 @@ def save_final(
     """The final pipeline folder with config, model card and `trainer_state.json` (steps done, throughput);
     pushed to the Hub when asked."""
     out = Path(config.output_dir)
-    save_pipeline(pipe, out)
+    if config.lora_rank is None:
+        save_pipeline(pipe, out)
+    else:
+        save_lora(pipe.unet, config, out)
     save_config(config, out / "config.yaml")
     (out / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
     grid_name = None
     if grid_path is not None:
         grid_name = "samples.png"
         shutil.copy(grid_path, out / grid_name)
-    (out / "README.md").write_text(_model_card(config, accelerator.num_processes, grid_name))
+    repo_id = config.hub_model_id or out.name
+    card = _model_card(config, accelerator.num_processes, grid_name)
+    (out / "README.md").write_text(
+        card if config.lora_rank is None else lora_model_card(config, repo_id, grid_name)
+    )
     if config.push_to_hub:
         push_folder(
             out,

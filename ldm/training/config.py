@@ -78,6 +78,8 @@ TRAIN_RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "validation_steps": (1, INF, True, False),
     "validation_guidance_scale": (0, 100, True, True),
     "validation_inference_steps": (1, INF, True, False),
+    "lora_rank": (1, INF, True, False),
+    "lora_alpha": (0, INF, False, False),
 }
 
 
@@ -127,6 +129,12 @@ class TrainConfig:
     # Train the UNet from scratch from a named preset ("tiny", "small", "sd15"), reusing the VAE,
     # text encoder and tokenizer of pretrained_model_name_or_path.
     unet_preset: str | None = None
+    # LoRA: train only rank-r adapters on the pretrained UNet's target modules (None: train every weight).
+    lora_rank: int | None = None
+    lora_alpha: float | None = None  # the update is scaled by alpha / rank; None: alpha = rank
+    lora_target_modules: list[str] = dataclasses.field(
+        default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"]
+    )
 
     # --- Data ---
     dataset_name: str | None = None
@@ -228,6 +236,18 @@ class TrainConfig:
             "is pure noise, so predicting the noise there is trivial and gives no x_0 (x_0 = (x_T - eps) / 0). "
             f"Got prediction_type={self.prediction_type!r}.",
         )
+        if self.lora_rank is not None:
+            require(
+                self.unet_preset is None,
+                f"lora_rank adapts the pretrained UNet of {self.pretrained_model_name_or_path}, but unet_preset="
+                f"{self.unet_preset!r} builds a new one from scratch; drop --unet_preset (pass none) for LoRA.",
+            )
+            require(
+                bool(self.lora_target_modules)
+                and all(isinstance(m, str) and m for m in self.lora_target_modules),
+                f"lora_target_modules={self.lora_target_modules!r} must name at least one module, e.g. to_q to_k "
+                "to_v to_out.0 (the attention projections).",
+            )
         # numpy (and so accelerate.set_seed) only takes seeds in [0, 2**32).
         require(
             self.seed is None or 0 <= self.seed < 2**32,

@@ -1,0 +1,89 @@
+"""Validation during training: the held-out loss and a grid of the validation prompts, on the main process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate.logging import get_logger
+
+from ldm.images import image_grid
+from ldm.pipeline import LatentPipeline
+from ldm.training.checkpoint import PipelineExport
+from ldm.training.config import TrainConfig
+from ldm.training.distributed import full_unet
+from ldm.training.loss import validation_loss
+
+logger = get_logger(__name__)
+
+
+def validation_grid(pipe: LatentPipeline, config: TrainConfig, seed: int):
+    """A grid of the validation prompts (DDIM, guidance, fixed seed), one image per prompt."""
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(config.validation_prompts))]
+    images = pipe(
+        config.validation_prompts,
+        num_inference_steps=config.validation_inference_steps,
+        guidance_scale=config.validation_guidance_scale,
+        # With zero terminal SNR, guidance over-exposes unless rescaled (Lin et al. 2023, sec. 3.4, phi = 0.7).
+        guidance_rescale=0.7 if config.rescale_betas_zero_snr else 0.0,
+        generator=generators,
+        height=config.resolution,
+        width=config.resolution,
+    ).images
+    return image_grid(images)
+
+
+def log_validation(accelerator, pipe, config: TrainConfig, seed: int, step: int) -> Path | None:
+    """Save and log the validation grid (main process only); returns its path."""
+    if not config.validation_prompts:
+        return None
+    grid = validation_grid(pipe, config, seed)
+    path = Path(config.output_dir) / "validation" / f"step-{step:06d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.asarray(grid)[None], step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log(
+                {"validation": wandb.Image(grid, caption=" | ".join(config.validation_prompts))}, step=step
+            )
+    return path
+
+
+def validate(
+    accelerator,
+    unet,
+    export: PipelineExport,
+    encoder,
+    heldout_batch,
+    noise_scheduler,
+    config: TrainConfig,
+    step,
+):
+    """Validation loss and sample grid of the current weights (EMA when on), on the main process.
+
+    A collective call (under FSDP the UNet is gathered first); returns ({"val_loss": ...}, grid path) on the main
+    process and ({}, None) elsewhere.
+    """
+    trained = full_unet(accelerator, unet)
+    if not accelerator.is_main_process:
+        return {}, None
+    logs, grid_path = {}, None
+    # A failing validation is logged, never fatal: it must not cost the run (its checkpoint is already saved).
+    try:
+        pipe = export.pipeline(trained)
+        # The pipeline's UNet is a plain fp32 module while the frozen encoders may run in half precision:
+        # autocast reconciles them as it does in training.
+        with accelerator.autocast():
+            if len(heldout_batch["indices"]):
+                logs["val_loss"] = validation_loss(
+                    pipe.unet, encoder, heldout_batch, noise_scheduler, config.seed
+                )
+            grid_path = log_validation(accelerator, pipe, config, config.seed, step)
+    except Exception as err:
+        logger.warning(f"Validation at step {step} failed ({type(err).__name__}: {err}); training goes on.")
+    return logs, grid_path
