@@ -46,6 +46,36 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "projection_dim": 32,
         },
     },
+    # Stable Diffusion 1.x's structure (4 levels, 2 layers per block, 3 cross-attention levels) at toy widths: the
+    # smallest model the single-file (A1111/ComfyUI) layout fits. 64 px images, 8x8x4 latents.
+    "tiny-sd": {
+        "unet": {
+            "sample_size": 8,
+            "block_out_channels": (8, 16, 32, 32),
+            "layers_per_block": 2,
+            "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            "attention_head_dim": 4,
+            "norm_num_groups": 8,
+        },
+        "vae": {
+            "sample_size": 64,
+            "block_out_channels": (8, 16, 16, 16),
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "layers_per_block": 2,
+            "latent_channels": 4,
+            "norm_num_groups": 8,
+        },
+        "text_encoder": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 77,
+            "projection_dim": 32,
+        },
+    },
     # CPU demos: 64 px images, an 8x VAE (Stable Diffusion's factor), 8x8x4 latents, a 4M-parameter UNet with
     # attention at 4x4 only (self-attention over the 8x8 level cost twice the step time on 2 CPU cores for no
     # adherence gain).

@@ -28,8 +28,9 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.checks import check_components_fit, check_local_or_hub
 from ldm.encoding import vae_scale_factor
-from ldm.presets import build_unet, sd_scheduler
+from ldm.presets import build_unet, get_preset, sd_scheduler
 from ldm.seeding import keyed_generator
+from ldm.single_file import check_sources
 from ldm.training.checkpoint import (
     CheckpointUploader,
     PipelineExport,
@@ -86,6 +87,15 @@ def check_startup(config: TrainConfig) -> None:
     check_local_or_hub(config.pretrained_model_name_or_path, "pretrained_model_name_or_path")
     if config.pretrained_vae_model_name_or_path:
         check_local_or_hub(config.pretrained_vae_model_name_or_path, "pretrained_vae_model_name_or_path")
+    if (
+        config.export_single_file
+    ):  # the single-file layout fits SD 1.x's structure only: know it before training
+        base = Path(config.pretrained_model_name_or_path)
+        check_sources(
+            config.unet_preset and get_preset(config.unet_preset)["unet"],
+            base / "unet",
+            config.pretrained_vae_model_name_or_path or base / "vae",
+        )
 
 
 def claim_run(accelerator: Accelerator, config: TrainConfig) -> Path | None:

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from ldm.hub import model_card_text, push_folder
 from ldm.pipeline import LatentPipeline
+from ldm.single_file import write_single_file
 from ldm.training.config import TrainConfig, save_config
 from ldm.training.distributed import full_unet
 from ldm.training.integrity import verify_manifest, write_manifest
@@ -358,6 +359,11 @@ def save_final(
     out = Path(config.output_dir)
     if config.lora_rank is None:
         save_pipeline(pipe, out)
+        if config.export_single_file:  # after the folder: a failure here cannot cost the trained pipeline
+            path = write_single_file(
+                pipe.unet, pipe.vae, pipe.text_encoder, out / f"{out.resolve().name}.safetensors"
+            )
+            logger.info(f"Wrote the single-file checkpoint {path}")
     else:
         save_lora(pipe.unet, config, out)
     save_config(config, out / "config.yaml")

@@ -194,6 +194,8 @@ class TrainConfig:
     tracker_project_name: str = "ldm"
     output_dir: str = "ldm-model"
     overwrite_output_dir: bool = False  # start a new run over another run's checkpoints (removing them)
+    # Also write the final pipeline as one original-layout .safetensors file (A1111/ComfyUI), <output_dir>/<name>.safetensors.
+    export_single_file: bool = False
 
     # --- Hub ---
     push_to_hub: bool = False
@@ -248,6 +250,11 @@ class TrainConfig:
                 f"lora_target_modules={self.lora_target_modules!r} must name at least one module, e.g. to_q to_k "
                 "to_v to_out.0 (the attention projections).",
             )
+        require(
+            not (self.export_single_file and self.lora_rank is not None),
+            "export_single_file writes a whole pipeline, but a LoRA run saves only its adapter; load the adapter "
+            "with load_lora_weights, fuse it (pipe.fuse_lora()) and save that pipeline with ldm-export instead.",
+        )
         # numpy (and so accelerate.set_seed) only takes seeds in [0, 2**32).
         require(
             self.seed is None or 0 <= self.seed < 2**32,

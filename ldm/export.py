@@ -1,0 +1,42 @@
+"""`ldm-export`: write a pipeline folder as one original-layout Stable Diffusion .safetensors file.
+
+    ldm-export PIPELINE_DIR OUT.safetensors [--half]
+
+The file holds the UNet, VAE and CLIP text encoder under the names AUTOMATIC1111 and ComfyUI load (and diffusers'
+`from_single_file`, given the folder as `config=`); see `ldm.single_file`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ldm.checks import check_pipeline_folder
+from ldm.pipeline import LatentPipeline
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Check the arguments, load the folder, write the file; a problem exits 2 with one line naming the argument."""
+    parser = argparse.ArgumentParser(prog="ldm-export", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "pipeline_dir", help="a pipeline folder (LatentPipeline or StableDiffusionPipeline layout)"
+    )
+    parser.add_argument("out", help="the .safetensors file to write")
+    parser.add_argument("--half", action="store_true", help="store fp16 weights (half the size)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        parser.error(f"OUT {out}: must end in .safetensors (the only format written).")
+    if not Path(args.pipeline_dir).is_dir():
+        parser.error(f"PIPELINE_DIR {args.pipeline_dir}: no such folder.")
+    try:
+        check_pipeline_folder(args.pipeline_dir)
+        pipe = LatentPipeline.from_pretrained(args.pipeline_dir)
+        pipe.save_single_file(out, half=args.half)
+    except (OSError, ValueError) as err:
+        parser.error(f"{args.pipeline_dir}: {str(err).strip().splitlines()[0]}")
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB{', fp16' if args.half else ''})")
+
+
+if __name__ == "__main__":
+    main()
