@@ -6,10 +6,11 @@ The package map (README's Layout section has the same table):
   the diffusers scheduler's, called in `LatentPipeline.denoise`), `img2img` and `inpaint` (their own steps only),
   `pipeline_io` (load, save, upload), `call_state` and `guidance`, `checks` (argument and component checks),
   `encoding` (text embeddings, latent scaling), `presets` (model shapes), `schedulers` (samplers by name),
-  `tokenizer`, `hub`, `cli` (`ldm-generate`), `images`, `seeding`.
+  `tokenizer`, `hub`, `cli` (`ldm-generate`), `single_file` and `export` (`ldm-export`), `images`, `seeding`.
 - `training/`: `config` -> `sources` -> `data` (+ `transforms`: every per-sample random draw) -> `latent_cache` ->
   `encoders` (batch -> latents, text embeddings) -> `loss` -> optimizer; `checkpoint` (save, resume, prune,
-  upload, final save), `guards` (lock, run fingerprint), `integrity` (manifests), `distributed`, `vae`.
+  upload, final save), `lora` (adapters and their files), `validation`, `guards` (lock, run fingerprint),
+  `integrity` (manifests), `distributed`, `vae`.
 - `shapes/`: the offline demo world: `synthetic` data, `detector`, `adherence` evaluation, `text_stack`.
 """
 
