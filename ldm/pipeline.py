@@ -220,10 +220,12 @@ class LatentPipeline(
             finally:
                 if lora_scale is not None:
                     unscale_lora_layers(self.text_encoder, lora_scale)
-        return StableDiffusionPipeline.encode_prompt(
+        # Returned by name, as diffusers' pipelines do (its tests read the names to pass them back as arguments).
+        prompt_embeds, negative_prompt_embeds = StableDiffusionPipeline.encode_prompt(
             self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt,
             prompt_embeds, negative_prompt_embeds, lora_scale,
         )  # fmt: skip
+        return prompt_embeds, negative_prompt_embeds
 
     def encode_conditions(
         self,
