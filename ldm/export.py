@@ -11,8 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ldm.checks import check_pipeline_folder
-from ldm.pipeline import LatentPipeline
+from ldm.single_file import write_single_file
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,10 +28,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"OUT {out}: must end in .safetensors (the only format written).")
     if not Path(args.pipeline_dir).is_dir():
         parser.error(f"PIPELINE_DIR {args.pipeline_dir}: no such folder.")
-    try:
-        check_pipeline_folder(args.pipeline_dir)
-        pipe = LatentPipeline.from_pretrained(args.pipeline_dir)
-        pipe.save_single_file(out, half=args.half)
+    try:  # the folder's structure is checked from its configs before any weights load
+        write_single_file(args.pipeline_dir, out, half=args.half)
     except (OSError, ValueError) as err:
         parser.error(f"{args.pipeline_dir}: {str(err).strip().splitlines()[0]}")
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB{', fp16' if args.half else ''})")

@@ -87,9 +87,8 @@ def check_startup(config: TrainConfig) -> None:
     check_local_or_hub(config.pretrained_model_name_or_path, "pretrained_model_name_or_path")
     if config.pretrained_vae_model_name_or_path:
         check_local_or_hub(config.pretrained_vae_model_name_or_path, "pretrained_vae_model_name_or_path")
-    if (
-        config.export_single_file
-    ):  # the single-file layout fits SD 1.x's structure only: know it before training
+    # The single-file layout fits SD 1.x's structure only: know it before training (a Hub base: at the final save).
+    if config.export_single_file:
         base = Path(config.pretrained_model_name_or_path)
         check_sources(
             config.unet_preset and get_preset(config.unet_preset)["unet"],

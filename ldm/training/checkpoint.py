@@ -359,11 +359,6 @@ def save_final(
     out = Path(config.output_dir)
     if config.lora_rank is None:
         save_pipeline(pipe, out)
-        if config.export_single_file:  # after the folder: a failure here cannot cost the trained pipeline
-            path = write_single_file(
-                pipe.unet, pipe.vae, pipe.text_encoder, out / f"{out.resolve().name}.safetensors"
-            )
-            logger.info(f"Wrote the single-file checkpoint {path}")
     else:
         save_lora(pipe.unet, config, out)
     save_config(config, out / "config.yaml")
@@ -377,6 +372,11 @@ def save_final(
     (out / "README.md").write_text(
         card if config.lora_rank is None else lora_model_card(config, repo_id, grid_name)
     )
+    # Once the folder is complete: a structure refused only now (a Hub base, not checkable at start-up) costs
+    # nothing already saved. Pushed with the folder when it is written.
+    if config.export_single_file:
+        path = write_single_file(pipe, out / f"{out.resolve().name}.safetensors")
+        logger.info(f"Wrote the single-file checkpoint {path}")
     if config.push_to_hub:
         push_folder(
             out,

@@ -194,7 +194,8 @@ class TrainConfig:
     tracker_project_name: str = "ldm"
     output_dir: str = "ldm-model"
     overwrite_output_dir: bool = False  # start a new run over another run's checkpoints (removing them)
-    # Also write the final pipeline as one original-layout .safetensors file (A1111/ComfyUI), <output_dir>/<name>.safetensors.
+    # Also write the final pipeline as one original-layout SD 1.x .safetensors file (A1111/ComfyUI), named for the
+    # output folder: <output_dir>/<its name>.safetensors. Needs SD 1.x's UNet and VAE structure (e.g. tiny-sd, sd15).
     export_single_file: bool = False
 
     # --- Hub ---
