@@ -9,6 +9,8 @@ scripts load the same weights) and data (64 px, 8x8x4 latents), one process, fp3
 - diffusers' `train_text_to_image.py` (it imports torchvision, which has no CPU build here: the benchmark runs it
   through `benchmarks/run_with_torchvision_stub.py`, with PIL stand-ins for the transforms it uses);
 - `train_ldm.py` without the latent cache (VAE and text encoder run every step, as in diffusers), and with it;
+- `train_ldm.py` uncached with aspect-ratio buckets, on a copy of the data stretched to 1:2, 1:1 and 2:1
+  (`ldm.shapes.aspects`), compared with square training in pixels per second (the buckets' areas differ);
 - a bare UNet forward + backward + AdamW step on the same shapes, with nothing else: the floor.
 
 Each script's step time is (wall(N2 steps) - wall(N1 steps)) / (N2 - N1), so start-up, model loading and data
@@ -84,8 +86,8 @@ def make_base(demo_dir: Path, out: Path) -> Path:
     return out
 
 
-def ldm_run(base: Path, data: Path, out: Path, cache_dir: Path, cached: bool, batch_size: int):
-    """A function steps -> wall seconds of a train_ldm.py launch with the demo config on `base`."""
+def ldm_run(base: Path, data: Path, out: Path, cache_dir: Path, cached: bool, batch_size: int, extra=()):
+    """A function steps -> wall seconds of a train_ldm.py launch with the demo config on `base` (plus `extra`)."""
 
     def run(steps: int) -> float:
         shutil.rmtree(out, ignore_errors=True)
@@ -96,7 +98,7 @@ def ldm_run(base: Path, data: Path, out: Path, cache_dir: Path, cached: bool, ba
                 "--output_dir", str(out), "--max_train_steps", str(steps), "--train_batch_size", str(batch_size),
                 "--use_ema", "false", "--learning_rate", "1e-4", "--lr_scheduler", "constant", "--lr_warmup_steps",
                 "0", "--checkpointing_steps", "1000000", "--validation_prompts", "none", "--report_to", "none",
-                "--cache_latents", str(cached).lower(), "--cache_dir", str(cache_dir),
+                "--cache_latents", str(cached).lower(), "--cache_dir", str(cache_dir), *extra,
             ]
         )  # fmt: skip
 
@@ -138,6 +140,12 @@ def cpu_table(args: argparse.Namespace) -> None:
         cached = ldm_run(base, data, tmp / "cached", tmp / "cache", True, batch)
         cached(1)  # builds the cache
         rows["train_ldm.py cached"] = samples_per_second(cached, steps, batch)
+        bucket_args, bucket_area = mixed_aspect_data(base, data, tmp / "mixed")
+        rows["train_ldm.py bucketed uncached"] = samples_per_second(
+            ldm_run(base, tmp / "mixed", tmp / "bucketed", tmp / "cache", False, batch, bucket_args),
+            steps,
+            batch,
+        )
         rows["bare UNet step (floor)"] = time_unet_step("small", base, batch, latent_side=8, device="cpu")
     print(f"samples/s, batch {batch}, 64 px, step time from runs of {steps[0]} and {steps[1]} steps")
     for name, value in rows.items():
@@ -149,6 +157,34 @@ def cpu_table(args: argparse.Namespace) -> None:
     else:
         print("(pass --diffusers_script to compare with diffusers' train_text_to_image.py)")
     print(f"bare UNet / cached   = {rows['bare UNet step (floor)'] / rows['train_ldm.py cached']:.2f}x")
+    pixels = rows["train_ldm.py bucketed uncached"] * bucket_area / (rows["train_ldm.py uncached"] * 64 * 64)
+    print(
+        f"bucketed / square uncached, in pixels per second = {pixels:.2f}x (the 1:2, 1:1, 2:1 copy of the data: "
+        f"{bucket_args[-1]} px bucket steps, mean bucket {bucket_area:.0f} px against 64 x 64 = 4096)"
+    )
+
+
+def mixed_aspect_data(base: Path, data: Path, out: Path) -> tuple[list[str], float]:
+    """A 1:2 / 1:1 / 2:1 copy of the demo data, the train_ldm.py flags that bucket it, and its mean bucket area.
+
+    At 64 px the default step (8 latent pixels) leaves only the square bucket, so the finest step the UNet takes is
+    used: the VAE's factor times 2 per UNet down-sampling.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from ldm.encoding import vae_scale_factor
+    from ldm.shapes.aspects import make_mixed_aspect
+    from ldm.training.buckets import assign_buckets, bucket_spec
+    from ldm.training.transforms import upright_size
+
+    make_mixed_aspect(data, out, [(1, 2), (1, 1), (2, 1)])
+    factor = vae_scale_factor(AutoencoderKL.load_config(base / "vae"))
+    levels = len(UNet2DConditionModel.load_config(base / "unet")["block_out_channels"])
+    spec = bucket_spec(64, factor, levels, step=factor * 2 ** (levels - 1))
+    sizes = [upright_size(path) for path in sorted((out / "train").glob("*.png"))]
+    buckets = [b for b in assign_buckets(sizes, spec).bucket_of if b is not None]
+    area = sum(w * h for w, h in buckets) / len(buckets)
+    return ["--aspect_buckets", "--bucket_step", str(spec.step)], area
 
 
 def main(argv: list[str] | None = None) -> None:

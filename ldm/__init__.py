@@ -7,11 +7,13 @@ The package map (README's Layout section has the same table):
   `pipeline_io` (load, save, upload), `call_state` and `guidance`, `checks` (argument and component checks),
   `encoding` (text embeddings, latent scaling), `presets` (model shapes), `schedulers` (samplers by name),
   `tokenizer`, `hub`, `cli` (`ldm-generate`), `single_file` and `export` (`ldm-export`), `images`, `seeding`.
-- `training/`: `config` -> `sources` -> `data` (+ `transforms`: every per-sample random draw) -> `latent_cache` ->
+- `training/`: `config` -> `sources` -> `data` (+ `transforms`: every per-sample random draw; `buckets`: aspect-ratio
+  buckets and their sampler, `bucketing`: in a run) -> `latent_cache` ->
   `encoders` (batch -> latents, text embeddings) -> `loss` -> optimizer; `checkpoint` (save, resume, prune,
   upload, final save), `lora` (adapters and their files), `validation`, `guards` (lock, run fingerprint),
   `integrity` (manifests), `distributed`, `vae`.
-- `shapes/`: the offline demo world: `synthetic` data, `detector`, `adherence` evaluation, `text_stack`.
+- `shapes/`: the offline demo world: `synthetic` data, `detector`, `adherence` evaluation, `text_stack`, `aspects`
+  (mixed-aspect copies).
 """
 
 from ldm.guidance import classifier_free_guidance, rescale_guidance

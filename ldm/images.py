@@ -8,12 +8,15 @@ import PIL.Image
 
 
 def image_grid(images: list[PIL.Image.Image], cols: int | None = None) -> PIL.Image.Image:
-    """Tile equally sized images into one grid, row-major; `cols` defaults to ceil(sqrt(n))."""
+    """Tile images into one grid, row-major; `cols` defaults to ceil(sqrt(n)).
+
+    Each cell is as large as the largest image (images of several aspect ratios sit at their cells' top left).
+    """
     if not images:
         raise ValueError("image_grid needs at least one image.")
     cols = cols or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
+    w, h = max(image.width for image in images), max(image.height for image in images)
     grid = PIL.Image.new("RGB", (cols * w, rows * h), color="white")
     for i, image in enumerate(images):
         grid.paste(image, ((i % cols) * w, (i // cols) * h))

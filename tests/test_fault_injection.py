@@ -24,7 +24,7 @@ from PIL import Image
 from ldm.training.config import TrainConfig
 from ldm.training.integrity import write_manifest
 from ldm.training.sources import check_data_files
-from tests.training_helpers import launch, launch_command, launch_env, same_tensors, tensors
+from tests.training_helpers import ROOT, launch, launch_command, launch_env, same_tensors, tensors
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
 
@@ -285,3 +285,14 @@ def test_a_damaged_cache_shard_is_rebuilt_and_an_edited_image_misses(world, tmp_
     edited = launch(mine, tmp_path / "c", *args)
     assert "Latent cache miss" in edited.stderr
     assert len([p for p in (mine / "cache").iterdir() if p.is_dir()]) == 2
+
+
+def test_fsdp_without_cuda_is_refused_before_it_silently_becomes_ddp(world, tmp_path):
+    # Accelerate selects FSDP only over GPU processes: on CPU the shipped FSDP config would train with DDP.
+    cmd = launch_command(world, tmp_path / "run", processes=2)
+    at = cmd.index("--multi_gpu")
+    cmd[at : at + 1] = ["--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml")]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=launch_env(), timeout=300)
+    assert result.returncode != 0
+    assert "train_ldm.py: FSDP needs CUDA GPUs" in result.stderr and "--multi_gpu" in result.stderr
+    assert not (tmp_path / "run" / "checkpoint-3").exists()

@@ -19,6 +19,7 @@ def test_finetune_writes_loadable_pipeline_checkpoints_and_card(world, tmp_path)
     result = launch(
         world, out, "--unet_preset", "none", "--use_ema", "--ema_decay", "0.5", "--checkpoints_total_limit", "1",
         "--validation_prompts", "a red circle on the left", "a blue square at the top", "--report_to", "tensorboard",
+        launcher=True,  # the one-process path through `accelerate launch --cpu`, as the README runs it
     )  # fmt: skip
     log = result.stdout + result.stderr
 
@@ -173,6 +174,8 @@ def test_hub_push_sends_weights_only_and_never_the_token(world, tmp_path):
         (["--learning_rat", "1e-4"], "learning_rate"),
         (["--train_batch_size", "four"], "train_batch_size"),
         (["--hub_token", "abc"], "HF_TOKEN"),
+        # From the VAE's and UNet's configs, before any weights load: latents of 6 px / 2 cannot halve.
+        (["--aspect_buckets", "--bucket_step", "6"], "--bucket_step (6) must be a multiple of 4 pixels"),
     ],
 )
 def test_bad_config_fails_at_startup(world, tmp_path, args, message):

@@ -11,8 +11,12 @@ function of the seed and the sample/step index, so a resumed run continues exact
 
 from __future__ import annotations
 
+import dataclasses
+import faulthandler
 import importlib.util
 import math
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -31,6 +35,8 @@ from ldm.encoding import vae_scale_factor
 from ldm.presets import build_unet, get_preset, sd_scheduler
 from ldm.seeding import keyed_generator
 from ldm.single_file import check_sources
+from ldm.training.bucketing import assign_to_buckets, bucket_spec_for
+from ldm.training.buckets import BucketBatchSampler
 from ldm.training.checkpoint import (
     CheckpointUploader,
     PipelineExport,
@@ -42,7 +48,13 @@ from ldm.training.checkpoint import (
     save_final,
 )
 from ldm.training.config import TrainConfig, load_config
-from ldm.training.data import TrainDataset, TrainLoader, build_train_and_heldout, collate_fn
+from ldm.training.data import (
+    TrainDataset,
+    TrainLoader,
+    build_train_and_heldout,
+    collate_fn,
+    default_num_workers,
+)
 from ldm.training.distributed import (
     check_replicas_in_sync,
     finish,
@@ -58,7 +70,7 @@ from ldm.training.latent_cache import CachedIndexDataset, build_cache
 from ldm.training.lora import add_lora, trainable_parameters
 from ldm.training.loss import training_loss
 from ldm.training.sources import check_data_files
-from ldm.training.validation import validate
+from ldm.training.validation import validate, validation_sizes
 
 logger = get_logger(__name__)
 NUM_VALIDATION_LOSS_SAMPLES = 8
@@ -145,6 +157,8 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         ),
         step_scheduler_with_optimizer=False,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed or 0),
+        # None: `accelerate launch --dynamo_backend` decides, as for any accelerate script.
+        dynamo_backend="inductor" if config.torch_compile else None,
     )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise SystemExit(
@@ -279,12 +293,23 @@ def make_optimizer(config: TrainConfig, params, num_processes: int) -> torch.opt
 
 
 def make_loader(accelerator, train_dataset, live_encoder: LiveBatchEncoder, config: TrainConfig, data_hash):
-    """(loader, batch encoder): from the latent cache when it applies, else live through the frozen encoders."""
+    """(loader, batch encoder): from the latent cache when it applies, else live through the frozen encoders; with
+    aspect-ratio buckets, every batch from one bucket."""
     vae, text_encoder, tokenizer = live_encoder.vae, live_encoder.text_encoder, live_encoder.tokenizer
     cache = build_cache(accelerator, train_dataset, vae, text_encoder, tokenizer, config, data_hash)
+    sampler = None
+    if getattr(train_dataset, "buckets", None) is not None:
+        sampler = BucketBatchSampler(
+            train_dataset.buckets, config.train_batch_size, config.seed, accelerator.num_processes,
+            accelerator.process_index,
+        )  # fmt: skip
     if cache is None:
-        return TrainLoader(train_dataset, collate_fn, config, config.seed), live_encoder
-    loader = TrainLoader(cache.index_dataset(), CachedIndexDataset.collate_fn, config, config.seed)
+        return TrainLoader(train_dataset, collate_fn, config, config.seed, sampler), live_encoder
+    # A cached batch is a list of indices: workers would only cost their start-up.
+    cached_config = dataclasses.replace(config, dataloader_num_workers=0)
+    loader = TrainLoader(
+        cache.index_dataset(), CachedIndexDataset.collate_fn, cached_config, config.seed, sampler
+    )
     return loader, CachedBatchEncoder(cache, vae, config, config.seed)
 
 
@@ -331,21 +356,27 @@ def save_run(
 
 
 def main(argv: list[str] | None = None) -> None:
+    # `kill -USR1 <pid>` prints every thread's stack: what a stuck process is waiting for (used by the tests).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         config = load_config(argv)
         check_startup(config)
+        spec = bucket_spec_for(config)
+        use_gloo_without_cuda()
     except ValueError as err:
         raise SystemExit(f"train_ldm.py: {err}") from None
-    use_gloo_without_cuda()
     accelerator = make_accelerator(config)
     # The data, noise and caption-dropout draws all derive from this seed; recording it makes the run resumable.
     config.seed = seed = config.seed if config.seed is not None else 0
+    if config.dataloader_num_workers is None:  # recorded as resolved, like the seed
+        config.dataloader_num_workers = default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     set_seed(seed)
     output_dir = Path(config.output_dir)
     # Data first, so that every caption and the data's contents are checked before any model loads.
     try:
         resume_path = claim_run(accelerator, config)
         train_dataset, heldout_batch, data_hash, fingerprint = load_data(accelerator, config, resume_path)
+        buckets = assign_to_buckets(accelerator, train_dataset, spec, config)
     except (ValueError, RuntimeError) as err:
         raise SystemExit(f"train_ldm.py: {err}") from None
 
@@ -432,7 +463,8 @@ def main(argv: list[str] | None = None) -> None:
                     save_checkpoint(accelerator, config, position, unet, export, uploader, fingerprint)
                 if global_step % config.validation_steps == 0 or global_step == config.max_train_steps:
                     val_logs, grid = validate(
-                        accelerator, unet, export, live_encoder, heldout_batch, noise_scheduler, config, global_step
+                        accelerator, unet, export, live_encoder, heldout_batch, noise_scheduler, config, global_step,
+                        validation_sizes(config.resolution, buckets),
                     )  # fmt: skip
                     logs, grid_path = {**logs, **val_logs}, grid or grid_path
                 accelerator.log(logs, step=global_step)

@@ -38,6 +38,7 @@ LrScheduler = Literal[
 MixedPrecision = Literal["no", "fp16", "bf16"]
 PredictionType = Literal["epsilon", "v_prediction"]
 ReportTo = Literal["tensorboard", "wandb", "all", "none"]
+SmallImages = Literal["upscale", "skip"]
 
 _NONE_WORDS = ("none", "null")
 _HUB_TOKEN_MESSAGE = (
@@ -80,6 +81,9 @@ TRAIN_RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "validation_inference_steps": (1, INF, True, False),
     "lora_rank": (1, INF, True, False),
     "lora_alpha": (0, INF, False, False),
+    "bucket_min_side": (1, INF, True, False),
+    "bucket_max_side": (1, INF, True, False),
+    "bucket_step": (1, INF, True, False),
 }
 
 
@@ -148,9 +152,20 @@ class TrainConfig:
     center_crop: bool = False
     random_flip: bool = False
     caption_dropout: float = 0.1
-    dataloader_num_workers: int = 0
+    # Processes decoding images while the model steps; None: one less than this process's share of the CPU cores,
+    # at most 4 (0 on one core). Recorded as resolved at start-up (a stream's sample indices depend on it).
+    dataloader_num_workers: int | None = None
     cache_latents: bool = True
     cache_dir: str | None = None
+    # Aspect-ratio buckets: each image trains at the bucket (about resolution**2 pixels, sides multiples of
+    # bucket_step) nearest its aspect ratio, cropped minimally; every batch comes from one bucket.
+    aspect_buckets: bool = False
+    bucket_min_side: int | None = None  # None: resolution / 2, down to a multiple of bucket_step
+    bucket_max_side: int | None = None  # None: resolution x 2, down to a multiple of bucket_step
+    bucket_step: int | None = None  # None: the VAE's downsampling factor x 8 (latent sides multiples of 8)
+    bucket_small_images: SmallImages = (
+        "upscale"  # images smaller than their bucket: upscale, or skip (counted)
+    )
 
     # --- Optimisation ---
     train_batch_size: int = 16
@@ -172,6 +187,9 @@ class TrainConfig:
     use_ema: bool = False
     ema_decay: float = 0.9999
     enable_xformers_memory_efficient_attention: bool = False
+    # Compile the UNet with torch.compile (inductor, through accelerate's dynamo plugin): the first steps pay the
+    # compilation (README: measured cost and gain); off by default, as on CPU it rarely pays for short runs.
+    torch_compile: bool = False
     seed: int | None = None
 
     # --- Diffusion objective ---
@@ -233,6 +251,11 @@ class TrainConfig:
             f"caption_dropout is a probability in [0, 1); got {self.caption_dropout}.",
         )
         check_ranges(self, TRAIN_RANGES)
+        require(
+            not (self.aspect_buckets and self.streaming),
+            "aspect_buckets needs a map-style dataset (the bucket of every image is known before training); "
+            "pass --streaming false, or train on square crops without --aspect_buckets.",
+        )
         require(
             not self.rescale_betas_zero_snr or self.prediction_type == "v_prediction",
             "rescale_betas_zero_snr needs --prediction_type v_prediction: with zero terminal SNR the last timestep "

@@ -13,17 +13,25 @@ import itertools
 import json
 import logging
 import math
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import datasets
 import torch
+from accelerate.data_loader import DataLoaderShard
 from PIL import Image
 
 from ldm.training.config import TrainConfig
 from ldm.training.sources import load_image_caption_dataset, shard_for_process
-from ldm.training.transforms import DECODE_ERRORS, ImageCaptionTransform, caption_list, open_image
+from ldm.training.transforms import (
+    DECODE_ERRORS,
+    ImageCaptionTransform,
+    caption_list,
+    open_image,
+    upright_size,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +43,13 @@ Sample = dict[str, Any]
 
 
 def _make_sample(
-    row: dict, index: int, epoch: int, transform: ImageCaptionTransform, columns: tuple[str, str], warned: set
+    row: dict,
+    index: int,
+    epoch: int,
+    transform: ImageCaptionTransform,
+    columns: tuple[str, str],
+    warned: set,
+    bucket: tuple[int, int] | None = None,
 ) -> Sample | None:
     """Decode and transform one row; ``None`` (with one warning per index) if its image or caption is unusable.
 
@@ -53,7 +67,7 @@ def _make_sample(
             where = record.get("path") if isinstance(record, dict) else record
             logger.warning("Skipping sample %d (%s): %s", index, where, error)
         return None
-    pixel_values, caption = transform(image, row[caption_column], epoch, index)
+    pixel_values, caption = transform(image, row[caption_column], epoch, index, bucket)
     return {"pixel_values": pixel_values, "caption": caption, "index": index}
 
 
@@ -83,19 +97,42 @@ class TrainDataset(torch.utils.data.Dataset):
         self.columns = (image_column, caption_column)
         self.epoch = 0
         self._warned: set[int] = set()
+        # Per index, its aspect-ratio bucket (width, height) once `set_buckets` is called; None: square crops.
+        self.buckets: list[tuple[int, int] | None] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose randomness the next samples use."""
         self.epoch = epoch
+
+    def set_buckets(self, buckets: list[tuple[int, int] | None]) -> None:
+        """Crop every sample to its aspect-ratio bucket (see `ldm.training.buckets.assign_buckets`)."""
+        if len(buckets) != len(self):
+            raise ValueError(f"{len(buckets)} buckets for a dataset of {len(self)} rows.")
+        self.buckets = list(buckets)
+
+    def bucket(self, index: int) -> tuple[int, int] | None:
+        """Sample ``index``'s bucket, or None when training on square crops."""
+        return None if self.buckets is None else self.buckets[index]
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Sample | None:
         """Sample ``index``, or ``None`` if its image cannot be decoded."""
+        row = self.dataset[index]
         return _make_sample(
-            self.dataset[index], index, self.epoch, self.transform, self.columns, self._warned
+            row, index, self.epoch, self.transform, self.columns, self._warned, self.bucket(index)
         )
+
+    def image_sizes(self) -> list[tuple[int, int] | None]:
+        """Every row's upright (width, height) from the image headers; None where the header cannot be read."""
+        sizes = []
+        for record in self.dataset[self.columns[0]]:
+            try:
+                sizes.append(upright_size(record))
+            except DECODE_ERRORS:
+                sizes.append(None)
+        return sizes
 
     @functools.cached_property
     def content_hash(self) -> str:
@@ -124,8 +161,8 @@ class TrainDataset(torch.utils.data.Dataset):
         return open_image(self.dataset[index][self.columns[0]])
 
     def center_pixels(self, index: int) -> torch.Tensor:
-        """Row ``index``'s centre crop, unflipped (3, R, R): what the latent cache encodes."""
-        return self.transform.center_crop_pixels(self.open(index))
+        """Row ``index``'s centre crop (of its bucket, or the square), unflipped: what the latent cache encodes."""
+        return self.transform.center_crop_pixels(self.open(index), self.bucket(index))
 
 
 class StreamingTrainDataset(torch.utils.data.IterableDataset):
@@ -290,6 +327,18 @@ def _drop_bad_captions(dataset: datasets.Dataset, caption_column: str) -> datase
     return dataset.select([i for i in range(len(dataset)) if i not in drop])
 
 
+def default_num_workers(local_processes: int = 1) -> int:
+    """`--dataloader_num_workers` when unset: one less than a process's share of the usable CPU cores (the process
+    itself steps the model), at most 4; 0 when a process has one core or less."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(4, cores // max(1, local_processes) - 1))
+
+
+def workers_for(config: TrainConfig) -> int:
+    """The config's dataloader worker count, `default_num_workers()` when unset."""
+    return default_num_workers() if config.dataloader_num_workers is None else config.dataloader_num_workers
+
+
 def make_dataloader(
     dataset: TrainDataset | StreamingTrainDataset,
     config: TrainConfig,
@@ -320,30 +369,44 @@ def make_dataloader(
         batch_size=config.train_batch_size,
         shuffle=not streaming,
         generator=None if streaming else torch.Generator().manual_seed(epoch_seed),
-        num_workers=config.dataloader_num_workers,
+        num_workers=workers_for(config),
         collate_fn=collate,
+        pin_memory=torch.cuda.is_available(),  # page-locked batches copy to the GPU without a staging copy
     )
 
 
 class TrainLoader:
-    """The training batches, epoch by epoch, for map-style and streamed datasets alike; resumable mid-epoch.
+    """The training batches, epoch by epoch, for map-style, bucketed and streamed datasets alike; resumable
+    mid-epoch.
 
-    The one place that tells the two apart. A map-style dataset's DataLoader is sharded over processes and
-    reshuffled per epoch (``seed + epoch``) by accelerate; a stream is already this process's shard
-    (:func:`build_train_and_heldout`) and is read in order, so accelerate must not see it.
+    The one place that tells them apart. A map-style dataset's DataLoader is sharded over processes and
+    reshuffled per epoch (``seed + epoch``) by accelerate. A stream is already this process's shard
+    (:func:`build_train_and_heldout`) and is read in order, and a bucketed dataset's
+    :class:`~ldm.training.buckets.BucketBatchSampler` already gives each process its slice of every global batch:
+    accelerate must not shard those a second time, so they are wrapped in accelerate's ``DataLoaderShard`` (batches
+    on the device, the end of an epoch seen by gradient accumulation) instead of going through ``prepare``.
 
     Args:
         dataset: a :class:`TrainDataset`, a latent cache's index dataset, or a :class:`StreamingTrainDataset`.
         collate: batches the samples (:func:`collate_fn`, or the cache's own).
         config: reads ``train_batch_size`` and ``dataloader_num_workers``.
         seed: the run's data seed.
+        batch_sampler: a ``BucketBatchSampler`` over ``dataset`` for aspect-ratio buckets; None otherwise.
     """
 
-    def __init__(self, dataset, collate: Callable[[list], dict[str, Any]], config: TrainConfig, seed: int):
-        self.dataset = dataset
+    def __init__(
+        self,
+        dataset,
+        collate: Callable[[list], dict[str, Any]],
+        config: TrainConfig,
+        seed: int,
+        batch_sampler=None,
+    ):
+        self.dataset, self.batch_sampler = dataset, batch_sampler
         self.streaming = isinstance(dataset, torch.utils.data.IterableDataset)
         self.batch_size = config.train_batch_size
-        self.dataloader = make_dataloader(dataset, config, seed, collate)
+        self.num_workers, self.collate = workers_for(config), collate
+        self.dataloader = None if batch_sampler else make_dataloader(dataset, config, seed, collate)
         self.accelerator = None
 
     def schedule(self, config: TrainConfig, num_processes: int) -> tuple[int, int]:
@@ -353,7 +416,10 @@ class TrainLoader:
         """
         if self.streaming:
             return config.max_train_steps, config.num_train_epochs
-        batches_per_epoch = math.ceil(len(self.dataloader) / num_processes)
+        if self.batch_sampler is not None:
+            batches_per_epoch = len(self.batch_sampler)  # already this process's share
+        else:
+            batches_per_epoch = math.ceil(len(self.dataloader) / num_processes)
         steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
         max_train_steps = config.max_train_steps
         if max_train_steps is None:
@@ -364,7 +430,16 @@ class TrainLoader:
         """``accelerator.prepare(*objects)``, with the map-style DataLoader in the same call (DeepSpeed needs it
         there to size its micro-batch); returns the prepared objects."""
         self.accelerator = accelerator
-        if self.streaming:
+        if self.batch_sampler is not None:
+            self.dataloader = DataLoaderShard(
+                self.dataset,
+                device=accelerator.device,
+                batch_sampler=self.batch_sampler,
+                num_workers=self.num_workers,
+                collate_fn=self.collate,
+                pin_memory=torch.cuda.is_available(),
+            )
+        if self.streaming or self.batch_sampler is not None:
             return accelerator.prepare(*objects)
         *prepared, self.dataloader = accelerator.prepare(*objects, self.dataloader)
         return prepared
@@ -379,11 +454,16 @@ class TrainLoader:
         if self.streaming:
             self.dataset.set_resume_position(skip_batches, self.batch_size)
             return self.dataloader
-        self.dataloader.set_epoch(epoch)
+        self.dataloader.set_epoch(epoch)  # a bucketed run's sampler takes the epoch from here
+        if self.batch_sampler is not None:
+            self.batch_sampler.set_skip(skip_batches)  # skipped batches are never loaded
+            return self.dataloader
         if skip_batches:
             return self.accelerator.skip_first_batches(self.dataloader, skip_batches)
         return self.dataloader
 
     def epoch_over(self, batches_done: int) -> bool:
         """Whether this process has had every batch of the epoch (never for a stream)."""
-        return not self.streaming and batches_done >= len(self.dataloader)
+        if self.streaming:
+            return False
+        return batches_done >= len(self.dataloader if self.batch_sampler is None else self.batch_sampler)

@@ -21,7 +21,17 @@ def use_gloo_without_cuda() -> None:
     Accelerate otherwise gives each of them a world of its own (DistributedType.NO), so they would silently
     train separate models; with ACCELERATE_USE_CPU set they form one gloo process group. Call before creating
     the Accelerator.
+
+    Raises:
+        ValueError: an FSDP launch (e.g. `--config_file configs/accelerate/fsdp.yaml`) without CUDA. Accelerate
+            shards only over GPU processes: on CPU it would silently train with DDP instead.
     """
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.cuda.is_available():
+        raise ValueError(
+            "FSDP needs CUDA GPUs: accelerate shards only over GPU processes, and on this machine without CUDA it "
+            "would silently train with DDP (every process holding the whole UNet). Launch without the FSDP config "
+            "(accelerate launch --multi_gpu --num_processes N trains with DDP over gloo on CPU), or on GPUs."
+        )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         os.environ["ACCELERATE_USE_CPU"] = "true"
 
@@ -48,17 +58,19 @@ def full_unet(accelerator: Accelerator, unet) -> UNet2DConditionModel | None:
         state = accelerator.get_state_dict(unet)
         if not accelerator.is_main_process:
             return None
-        module = UNet2DConditionModel.from_config(accelerator.unwrap_model(unet).config)
+        module = UNet2DConditionModel.from_config(
+            accelerator.unwrap_model(unet, keep_torch_compile=False).config
+        )
         module.load_state_dict(state)
         return module.to(accelerator.device)
-    return accelerator.unwrap_model(unet)
+    return accelerator.unwrap_model(unet, keep_torch_compile=False)
 
 
 def check_replicas_in_sync(accelerator: Accelerator, unet) -> None:
     """Every process must end with the same UNet weights; a mismatch means data-parallel training went wrong."""
     if accelerator.distributed_type == DistributedType.FSDP:
         return  # each process holds a different shard by design
-    params = accelerator.unwrap_model(unet).parameters()
+    params = accelerator.unwrap_model(unet, keep_torch_compile=False).parameters()
     checksum = torch.stack([p.detach().double().sum() for p in params]).sum().view(1).to(accelerator.device)
     sums = accelerator.gather(checksum).tolist()
     if len(set(sums)) != 1:

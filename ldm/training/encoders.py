@@ -78,7 +78,7 @@ class CachedBatchEncoder(_BatchEncoder):
         caption_ids = [
             self.cache.empty_caption_id if d else c for c, d in zip(caption_ids, dropped, strict=True)
         ]
-        moments = self.cache.moments[torch.tensor(indices), torch.tensor(flips)]  # (B, 2C, h, w)
+        moments = self.cache.lookup(indices, flips)  # (B, 2C, h, w)
         latents = sample_latents(moments.to(self.vae.device), self.vae, generator)
         text = self.cache.text_embeds[torch.tensor(caption_ids)].to(self.vae.device)
         return latents, text

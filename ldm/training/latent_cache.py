@@ -23,12 +23,13 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ldm.encoding import encode_moments, encode_text
+from ldm.training.buckets import cover_size
 from ldm.training.data import TrainDataset
 from ldm.training.integrity import verify_manifest, write_manifest
 from ldm.training.transforms import DECODE_ERRORS
 
 logger = logging.getLogger(__name__)
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: moments grouped by shape (aspect-ratio buckets)
 ENCODE_BATCH_SIZE = 32
 
 
@@ -41,11 +42,16 @@ def default_cache_dir() -> Path:
 
 
 class LatentCache:
-    """Cached posterior moments (N, 2, 2C, h, w) [index, flip] and caption embeddings (K, 77, D)."""
+    """Cached posterior moments and caption embeddings (K, 77, D).
 
-    def __init__(self, moments, valid, text_embeds, captions: list[str], sample_captions: list[list[int]]):
-        self.moments, self.valid, self.text_embeds = moments, valid, text_embeds
-        self.captions, self.sample_captions = captions, sample_captions
+    The moments are grouped by image shape: one group for square crops, one per aspect-ratio bucket otherwise.
+    ``moments[g]`` is (n_g, 2, 2C, h_g, w_g) [row, flip]; sample ``i`` is row ``rows[i]`` of group ``groups[i]``
+    (-1: not cached, as for an image left out of every bucket).
+    """
+
+    def __init__(self, moments, groups, rows, valid, text_embeds, captions: list[str], sample_captions):
+        self.moments, self.groups, self.rows, self.valid = moments, groups, rows, valid
+        self.text_embeds, self.captions, self.sample_captions = text_embeds, captions, sample_captions
         self.empty_caption_id = captions.index("")
 
     @property
@@ -56,6 +62,16 @@ class LatentCache:
     def index_dataset(self) -> CachedIndexDataset:
         """The dataset of sample indices to train on from this cache (same length and order as the images)."""
         return CachedIndexDataset(self.valid)
+
+    def lookup(self, indices: list[int], flips: list[int]) -> torch.Tensor:
+        """The moments (B, 2C, h, w) of samples of one shape, each flipped or not."""
+        index = torch.tensor(indices, dtype=torch.long)
+        groups = self.groups[index].unique()
+        if len(groups) != 1 or groups[0] < 0:
+            raise ValueError(
+                f"A cached batch must hold samples of one cached shape; got groups {groups.tolist()}."
+            )
+        return self.moments[int(groups[0])][self.rows[index], torch.tensor(flips, dtype=torch.long)]
 
 
 class CachedIndexDataset(torch.utils.data.Dataset):
@@ -108,6 +124,7 @@ def cache_key(
         "random_flip": config.random_flip,
         "image_column": config.image_column,
         "num_rows": len(dataset),
+        "buckets": dataset.buckets,  # per row (width, height), or None for square crops
         # The images' contents, not their paths or mtimes: an image edited in place must miss.
         "data_hash": data_hash,
         "vae_dtype": str(vae.dtype),
@@ -122,28 +139,55 @@ def cache_key(
     return digest.hexdigest()
 
 
+def shapes_of(dataset: TrainDataset) -> list[tuple[int, int]]:
+    """The distinct (width, height) crops the cache holds, sorted: the square, or every bucket in use."""
+    if dataset.buckets is None:
+        return [(dataset.transform.resolution,) * 2]
+    return sorted({bucket for bucket in dataset.buckets if bucket is not None})
+
+
 @torch.no_grad()
 def _encode_shard(indices, dataset: TrainDataset, vae, random_flip: bool, desc: str, show: bool):
-    """Posterior moments (n, 2, 2C, h, w) of the given samples and their flipped twins, plus a validity mask."""
-    side = dataset.transform.resolution
-    moments, valid = [], []
-    for start in tqdm(range(0, len(indices), ENCODE_BATCH_SIZE), desc=desc, disable=not show):
-        pixels, ok = [], []
-        for index in indices[start : start + ENCODE_BATCH_SIZE]:
-            try:
-                # The centre crop: the cache is only used where crops do not vary (see build_cache).
-                pixels.append(dataset.center_pixels(index))
-                ok.append(True)
-            except DECODE_ERRORS as error:
-                logger.warning("Skipping sample %d: cannot decode image: %s", index, error)
-                pixels.append(torch.zeros(3, side, side))
-                ok.append(False)
-        x = torch.stack(pixels)  # (b, 3, H, W)
-        twins = [encode_moments(vae, x)]
-        twins.append(encode_moments(vae, torch.flip(x, dims=[-1])) if random_flip else twins[0])
-        moments.append(torch.stack(twins, dim=1).cpu())  # (b, 2, 2C, h, w)
-        valid += ok
-    return torch.cat(moments), torch.tensor(valid, dtype=torch.bool)
+    """The given samples' moments and their flipped twins', grouped by shape, as the tensors of a shard file.
+
+    Returns {"indices", "valid", "groups" (n,), and per shape group g "moments_g" (n_g, 2, 2C, h, w)}, rows of a
+    group in the order of `indices`. A sample without a bucket is not encoded (group -1, invalid).
+    """
+    shapes = shapes_of(dataset)
+    group_of = {shape: g for g, shape in enumerate(shapes)}
+    if dataset.buckets is None:
+        groups = [0] * len(indices)
+    else:  # an image in no bucket (too small and skipped, or unreadable) is not cached
+        groups = [group_of.get(dataset.bucket(i), -1) for i in indices]
+    valid = [group >= 0 for group in groups]
+    shard = {}
+    for g, (width, height) in enumerate(shapes):
+        members = [k for k, group in enumerate(groups) if group == g]
+        moments = []
+        for start in tqdm(
+            range(0, len(members), ENCODE_BATCH_SIZE), desc=desc, disable=not show or not members
+        ):
+            pixels = []
+            for k in members[start : start + ENCODE_BATCH_SIZE]:
+                try:
+                    # The centre crop: the cache is only used where crops do not vary (see build_cache).
+                    pixels.append(dataset.center_pixels(indices[k]))
+                except DECODE_ERRORS as error:
+                    logger.warning("Skipping sample %d: cannot decode image: %s", indices[k], error)
+                    pixels.append(torch.zeros(3, height, width))
+                    valid[k] = False
+            x = torch.stack(pixels)  # (b, 3, H, W)
+            twins = [encode_moments(vae, x)]
+            twins.append(encode_moments(vae, torch.flip(x, dims=[-1])) if random_flip else twins[0])
+            moments.append(torch.stack(twins, dim=1).cpu())  # (b, 2, 2C, h, w)
+        if moments:
+            shard[f"moments_{g}"] = torch.cat(moments).contiguous()
+    shard.update(
+        indices=torch.tensor(indices, dtype=torch.long),
+        valid=torch.tensor(valid, dtype=torch.bool),
+        groups=torch.tensor(groups, dtype=torch.long),
+    )
+    return shard
 
 
 def _write_text(folder: Path, captions_per_row: list[list[str]], text_encoder, tokenizer) -> None:
@@ -187,10 +231,10 @@ def build_cache(
     if broadcast_object_list([accelerator.is_main_process and _verified(folder)])[0]:
         logger.info("Latent cache hit: %s", folder)
         return _load(folder)
-    if not config.center_crop and not _all_square(dataset, accelerator):
+    if not config.center_crop and not _crops_fixed(dataset, accelerator):
         logger.warning(
-            "Latent cache off: random crops of non-square images differ every epoch. Pass --center_crop true to "
-            "cache, or --cache_latents false to silence this."
+            "Latent cache off: random crops differ every epoch where an image does not exactly fit its crop. Pass "
+            "--center_crop true to cache, or --cache_latents false to silence this."
         )
         return None
 
@@ -199,26 +243,24 @@ def build_cache(
     building.mkdir(parents=True, exist_ok=True)
     rank, world = accelerator.process_index, accelerator.num_processes
     indices = list(range(rank, len(dataset), world))
-    moments, valid = _encode_shard(
+    shard = _encode_shard(
         indices, dataset, vae, config.random_flip, "cache latents", accelerator.is_local_main_process
     )
-    save_file(
-        {"indices": torch.tensor(indices, dtype=torch.long), "moments": moments.contiguous(), "valid": valid},
-        building / f"latents-{rank:05d}-of-{world:05d}.safetensors",
-    )
+    save_file(shard, building / f"latents-{rank:05d}-of-{world:05d}.safetensors")
     if accelerator.is_main_process:
         _write_text(building, captions_per_row, text_encoder, tokenizer)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _finish(building, folder, world, len(dataset))
+        _finish(building, folder, world, len(dataset), len(shapes_of(dataset)))
     accelerator.wait_for_everyone()
     return _load(folder)
 
 
-def _finish(building: Path, folder: Path, world: int, num_rows: int) -> None:
+def _finish(building: Path, folder: Path, world: int, num_rows: int, num_groups: int) -> None:
     """Mark a built cache complete, checksum it, and move it under its key (unless another run got there first)."""
     shards = sorted(p.name for p in building.glob(f"latents-*-of-{world:05d}.safetensors"))
-    (building / "complete.json").write_text(json.dumps({"shards": shards, "num_rows": num_rows}))
+    complete = {"shards": shards, "num_rows": num_rows, "num_groups": num_groups}
+    (building / "complete.json").write_text(json.dumps(complete))
     write_manifest(building)
     try:
         building.rename(folder)
@@ -226,18 +268,20 @@ def _finish(building: Path, folder: Path, world: int, num_rows: int) -> None:
         shutil.rmtree(building, ignore_errors=True)
 
 
-def _all_square(dataset: TrainDataset, accelerator) -> bool:
-    """Whether every readable image is square (then a random crop after the resize is the whole image)."""
-    square = True
+def _crops_fixed(dataset: TrainDataset, accelerator) -> bool:
+    """Whether every readable image exactly covers its crop (the square, or its bucket) once resized: then a
+    random crop is the whole image, the same every epoch."""
+    fixed = True
     for index in range(accelerator.process_index, len(dataset), accelerator.num_processes):
+        crop = dataset.bucket(index) or (dataset.transform.resolution,) * 2
         try:
-            width, height = dataset.open(index).size
+            size = dataset.open(index).size
         except DECODE_ERRORS:
             continue
-        if width != height:
-            square = False
+        if cover_size(size, crop) != crop:
+            fixed = False
             break
-    flag = torch.tensor(float(square), device=accelerator.device)
+    flag = torch.tensor(float(fixed), device=accelerator.device)
     return bool(accelerator.reduce(flag, reduction="sum").item() == accelerator.num_processes)
 
 
@@ -263,13 +307,19 @@ def _load(folder: Path) -> LatentCache:
     complete = json.loads((folder / "complete.json").read_text())
     parts = [load_file(folder / name) for name in complete["shards"]]
     n = complete["num_rows"]
-    moments = torch.empty((n, *parts[0]["moments"].shape[1:]), dtype=parts[0]["moments"].dtype)
-    valid = torch.zeros(n, dtype=torch.bool)
+    groups, rows = torch.full((n,), -1, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+    valid, covered = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+    moments = []
+    for g in range(complete["num_groups"]):
+        pieces = []
+        for part in parts:
+            members = part["indices"][part["groups"] == g]
+            rows[members] = torch.arange(len(members)) + sum(len(p) for p in pieces)
+            if len(members):
+                pieces.append(part[f"moments_{g}"])
+        moments.append(torch.cat(pieces) if pieces else torch.empty(0))
     for part in parts:
-        moments[part["indices"]] = part["moments"]
-        valid[part["indices"]] = part["valid"]
-    covered = torch.zeros(n, dtype=torch.bool)
-    for part in parts:
+        groups[part["indices"]], valid[part["indices"]] = part["groups"], part["valid"]
         covered[part["indices"]] = True
     if not covered.all():
         raise ValueError(
@@ -282,4 +332,4 @@ def _load(folder: Path) -> LatentCache:
         logger.warning("%d unreadable images are excluded from the latent cache in %s", excluded, folder)
     meta = json.loads((folder / "captions.json").read_text())
     text = load_file(folder / "text.safetensors")["text_embeds"]
-    return LatentCache(moments, valid, text, meta["captions"], meta["sample_captions"])
+    return LatentCache(moments, groups, rows, valid, text, meta["captions"], meta["sample_captions"])

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ldm.training.buckets import cover_size, crop_box
 from ldm.training.config import TrainConfig
 
 # Bicubic, as in the original latent-diffusion data pipeline: sharper than bilinear when downscaling.
@@ -63,6 +64,26 @@ def open_image(value: dict | Image.Image | str | os.PathLike) -> Image.Image:
         raise TypeError(f"Cannot open an image from a {type(value).__name__}.")
     with Image.open(value) as image:
         return _upright_rgb(image)
+
+
+def upright_size(value: dict | Image.Image | str | os.PathLike) -> tuple[int, int]:
+    """The (width, height) :func:`open_image` would return, read from the header alone (no pixels decoded).
+
+    EXIF orientations 5-8 turn the image by 90 degrees, so its stored width and height swap.
+
+    Raises:
+        The errors of :func:`open_image` for a file whose header cannot be read.
+    """
+    if isinstance(value, Image.Image):
+        return _upright_rgb(value).size
+    if isinstance(value, dict):
+        value = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value.get("path")
+        if value is None:
+            raise ValueError("Image record has neither bytes nor path.")
+    with Image.open(value) as image:
+        width, height = image.size
+        turned = image.getexif().get(Image.ExifTags.Base.Orientation) in (5, 6, 7, 8)
+    return (height, width) if turned else (width, height)
 
 
 def _upright_rgb(image: Image.Image) -> Image.Image:
@@ -197,7 +218,12 @@ class ImageCaptionTransform:
         return cls(config.resolution, config.center_crop, config.random_flip, seed)
 
     def __call__(
-        self, image: Image.Image, caption: str | list[str], epoch: int, index: int
+        self,
+        image: Image.Image,
+        caption: str | list[str],
+        epoch: int,
+        index: int,
+        bucket: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, str]:
         """Transform one sample.
 
@@ -206,17 +232,35 @@ class ImageCaptionTransform:
             caption: one caption, or several of which one is chosen.
             epoch: the current epoch.
             index: the sample's index.
+            bucket: the (width, height) of the sample's aspect-ratio bucket (`ldm.training.buckets`); None for the
+                square ``resolution`` crop.
 
         Returns:
-            ``(pixel_values, caption)``: a float tensor (3, resolution, resolution) in [-1, 1] and a str.
+            ``(pixel_values, caption)``: a float tensor (3, H, W) in [-1, 1] (the bucket's shape, or the square)
+            and a str.
 
         Raises:
             ValueError: the caption is neither a string nor a non-empty list of strings.
         """
         captions = caption_list(caption, index)
         draws = draw_sample(self.seed, epoch, index, len(captions), self.random_flip)
+        if bucket is not None:
+            pixels = self.bucket_crop(image, bucket, draws.crop_top_u, draws.crop_left_u, draws.flip)
+            return pixels, captions[draws.caption_index]
         top, left = draws.crop_offsets(image.size, self.resolution, self.center_crop)
         return self.crop(image, top, left, draws.flip), captions[draws.caption_index]
+
+    def bucket_crop(
+        self, image: Image.Image, bucket: tuple[int, int], top_u: float, left_u: float, flip: bool
+    ) -> torch.Tensor:
+        """Resize to just cover ``bucket``, cut it (centre, or placed by the uniforms), flip if asked: (3, h, w)."""
+        size = cover_size(image.size, bucket)
+        if image.size != size:
+            image = image.resize(size, resample=RESAMPLE)
+        image = image.crop(crop_box(size, bucket, top_u, left_u, self.center_crop))
+        if flip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return image_to_tensor(image)
 
     def crop(self, image: Image.Image, top: int, left: int, flip: bool) -> torch.Tensor:
         """Resize the shorter side to ``resolution``, cut the window at (top, left), flip if asked: (3, R, R)."""
@@ -228,8 +272,13 @@ class ImageCaptionTransform:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return image_to_tensor(image)
 
-    def center_crop_pixels(self, image: Image.Image) -> torch.Tensor:
-        """The centre window, unflipped: what the latent cache encodes (it flips the tensor for the twin)."""
+    def center_crop_pixels(self, image: Image.Image, bucket: tuple[int, int] | None = None) -> torch.Tensor:
+        """The centre window (of the square, or of ``bucket``), unflipped: what the latent cache encodes (it flips
+        the tensor for the twin)."""
+        if bucket is not None:
+            size = cover_size(image.size, bucket)
+            image = image.resize(size, resample=RESAMPLE) if image.size != size else image
+            return image_to_tensor(image.crop(crop_box(size, bucket, 0.0, 0.0, center=True)))
         width, height = resized_size(image.size, self.resolution)
         return self.crop(image, (height - self.resolution) // 2, (width - self.resolution) // 2, flip=False)
 

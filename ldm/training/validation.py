@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -18,27 +19,42 @@ from ldm.training.loss import validation_loss
 logger = get_logger(__name__)
 
 
-def validation_grid(pipe: LatentPipeline, config: TrainConfig, seed: int):
-    """A grid of the validation prompts (DDIM, guidance, fixed seed), one image per prompt."""
-    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(config.validation_prompts))]
-    images = pipe(
-        config.validation_prompts,
-        num_inference_steps=config.validation_inference_steps,
-        guidance_scale=config.validation_guidance_scale,
-        # With zero terminal SNR, guidance over-exposes unless rescaled (Lin et al. 2023, sec. 3.4, phi = 0.7).
-        guidance_rescale=0.7 if config.rescale_betas_zero_snr else 0.0,
-        generator=generators,
-        height=config.resolution,
-        width=config.resolution,
-    ).images
-    return image_grid(images)
+def validation_grid(pipe: LatentPipeline, config: TrainConfig, seed: int, sizes=None):
+    """A grid of the validation prompts (DDIM, guidance, fixed seed): one row per (width, height) in `sizes`
+    (default: the square `resolution`), one image per prompt."""
+    images, sizes = [], sizes or [(config.resolution, config.resolution)]
+    for width, height in sizes:
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(len(config.validation_prompts))]
+        images += pipe(
+            config.validation_prompts,
+            num_inference_steps=config.validation_inference_steps,
+            guidance_scale=config.validation_guidance_scale,
+            # With zero terminal SNR, guidance over-exposes unless rescaled (Lin et al. 2023, sec. 3.4, phi = 0.7).
+            guidance_rescale=0.7 if config.rescale_betas_zero_snr else 0.0,
+            generator=generators,
+            height=height,
+            width=width,
+        ).images
+    return image_grid(images, cols=len(config.validation_prompts) if len(sizes) > 1 else None)
 
 
-def log_validation(accelerator, pipe, config: TrainConfig, seed: int, step: int) -> Path | None:
+def validation_sizes(resolution: int, buckets: list | None) -> list[tuple[int, int]]:
+    """The (width, height)s validation samples at: the square, and with aspect-ratio buckets also the fullest
+    landscape and portrait buckets of the data."""
+    sizes = [(resolution, resolution)]
+    counts = Counter(bucket for bucket in buckets or [] if bucket is not None)
+    for wide in (True, False):
+        shaped = [bucket for bucket in counts if (bucket[0] > bucket[1]) == wide and bucket[0] != bucket[1]]
+        if shaped:
+            sizes.append(max(shaped, key=lambda bucket: (counts[bucket], bucket)))
+    return sizes
+
+
+def log_validation(accelerator, pipe, config: TrainConfig, seed: int, step: int, sizes=None) -> Path | None:
     """Save and log the validation grid (main process only); returns its path."""
     if not config.validation_prompts:
         return None
-    grid = validation_grid(pipe, config, seed)
+    grid = validation_grid(pipe, config, seed, sizes)
     path = Path(config.output_dir) / "validation" / f"step-{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
@@ -63,8 +79,10 @@ def validate(
     noise_scheduler,
     config: TrainConfig,
     step,
+    sizes=None,
 ):
-    """Validation loss and sample grid of the current weights (EMA when on), on the main process.
+    """Validation loss and sample grid (at `sizes`, see `validation_sizes`) of the current weights (EMA when on),
+    on the main process.
 
     A collective call (under FSDP the UNet is gathered first); returns ({"val_loss": ...}, grid path) on the main
     process and ({}, None) elsewhere.
@@ -83,7 +101,7 @@ def validate(
                 logs["val_loss"] = validation_loss(
                     pipe.unet, encoder, heldout_batch, noise_scheduler, config.seed
                 )
-            grid_path = log_validation(accelerator, pipe, config, config.seed, step)
+            grid_path = log_validation(accelerator, pipe, config, config.seed, step, sizes)
     except Exception as err:
         logger.warning(f"Validation at step {step} failed ({type(err).__name__}: {err}); training goes on.")
     return logs, grid_path
