@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from PIL import Image
 
 from ldm.shapes.aspects import make_mixed_aspect
+from ldm.training.bucketing import BucketedStream
 from ldm.training.buckets import BucketBatchSampler, BucketSpec, assign_buckets
 from ldm.training.config import load_config
 from ldm.training.data import TrainLoader, build_train_and_heldout, collate_fn
@@ -112,6 +113,35 @@ def test_bucketed_resume_mid_epoch_with_accumulation_is_bitwise_identical(mixed_
     assert state["epoch"] == 1 and state["global_step"] == 6
 
 
-def test_buckets_refuse_a_stream(mixed_world, tmp_path):
-    with pytest.raises(ValueError, match="aspect_buckets needs a map-style dataset"):
-        mixed_config(mixed_world, tmp_path, "--streaming", "true", "--max_train_steps", "2")
+def test_a_bucketed_stream_gives_every_process_the_same_shape_and_its_own_rows(mixed_world, tmp_path):
+    config = mixed_config(mixed_world, tmp_path, "--streaming", "true", "--max_train_steps", "2")
+    spec = BucketSpec(32, 16, 64, 8)
+    streams = []
+    for rank in (0, 1):
+        train, _ = build_train_and_heldout(config, 0, 0, rank, 2)
+        streams.append(BucketedStream(train, spec, "upscale", batch_size=2))
+    per_process = [list(stream) for stream in streams]
+    assert len(per_process[0]) == len(per_process[1]) > 3
+    seen = []
+    for a, b in zip(*per_process, strict=True):
+        assert a["pixel_values"].shape == b["pixel_values"].shape  # one bucket per step on both processes
+        assert a["pixel_values"].shape[-2:] in {(40, 24), (32, 32), (24, 40)}
+        seen += a["indices"].tolist() + b["indices"].tolist()
+    assert len(seen) == len(set(seen))  # each row trained on by one process
+    # Resuming after 2 batches: the rest, unchanged, without decoding the first ones.
+    streams[1].set_resume_position(2, 2)
+    rest = list(streams[1])
+    assert [r["indices"].tolist() for r in rest] == [b["indices"].tolist() for b in per_process[1][2:]]
+    assert all(
+        torch.equal(r["pixel_values"], b["pixel_values"])
+        for r, b in zip(rest, per_process[1][2:], strict=True)
+    )
+
+
+def test_bucketed_streaming_resume_is_bitwise_identical(mixed_world, tmp_path):
+    common = [*BUCKET_ARGS, "--streaming", "true", "--cache_latents", "false", "--max_train_steps", "6",
+              "--checkpointing_steps", "3", "--validation_steps", "100"]  # fmt: skip
+    launch(mixed_world, tmp_path / "full", *common)
+    launch(mixed_world, tmp_path / "half", *common, "--max_train_steps", "3")
+    launch(mixed_world, tmp_path / "half", *common, "--resume_from_checkpoint", "latest")
+    assert same_tensors(tensors(tmp_path / "full" / UNET_FILE), tensors(tmp_path / "half" / UNET_FILE))

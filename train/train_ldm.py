@@ -35,7 +35,7 @@ from ldm.encoding import vae_scale_factor
 from ldm.presets import build_unet, get_preset, sd_scheduler
 from ldm.seeding import keyed_generator
 from ldm.single_file import check_sources
-from ldm.training.bucketing import assign_to_buckets, bucket_spec_for
+from ldm.training.bucketing import bucket_data, bucket_spec_for
 from ldm.training.buckets import BucketBatchSampler
 from ldm.training.checkpoint import (
     CheckpointUploader,
@@ -298,7 +298,7 @@ def make_loader(accelerator, train_dataset, live_encoder: LiveBatchEncoder, conf
     vae, text_encoder, tokenizer = live_encoder.vae, live_encoder.text_encoder, live_encoder.tokenizer
     cache = build_cache(accelerator, train_dataset, vae, text_encoder, tokenizer, config, data_hash)
     sampler = None
-    if getattr(train_dataset, "buckets", None) is not None:
+    if isinstance(train_dataset, TrainDataset) and train_dataset.buckets is not None:
         sampler = BucketBatchSampler(
             train_dataset.buckets, config.train_batch_size, config.seed, accelerator.num_processes,
             accelerator.process_index,
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         resume_path = claim_run(accelerator, config)
         train_dataset, heldout_batch, data_hash, fingerprint = load_data(accelerator, config, resume_path)
-        buckets = assign_to_buckets(accelerator, train_dataset, spec, config)
+        train_dataset, buckets = bucket_data(accelerator, train_dataset, spec, config)
     except (ValueError, RuntimeError) as err:
         raise SystemExit(f"train_ldm.py: {err}") from None
 

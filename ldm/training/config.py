@@ -252,11 +252,6 @@ class TrainConfig:
         )
         check_ranges(self, TRAIN_RANGES)
         require(
-            not (self.aspect_buckets and self.streaming),
-            "aspect_buckets needs a map-style dataset (the bucket of every image is known before training); "
-            "pass --streaming false, or train on square crops without --aspect_buckets.",
-        )
-        require(
             not self.rescale_betas_zero_snr or self.prediction_type == "v_prediction",
             "rescale_betas_zero_snr needs --prediction_type v_prediction: with zero terminal SNR the last timestep "
             "is pure noise, so predicting the noise there is trivial and gives no x_0 (x_0 = (x_T - eps) / 0). "

@@ -42,7 +42,7 @@ Sample = dict[str, Any]
 # ----------------------------------------------------------------------------------------------------
 
 
-def _make_sample(
+def make_sample(
     row: dict,
     index: int,
     epoch: int,
@@ -120,7 +120,7 @@ class TrainDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Sample | None:
         """Sample ``index``, or ``None`` if its image cannot be decoded."""
         row = self.dataset[index]
-        return _make_sample(
+        return make_sample(
             row, index, self.epoch, self.transform, self.columns, self._warned, self.bucket(index)
         )
 
@@ -223,7 +223,7 @@ class StreamingTrainDataset(torch.utils.data.IterableDataset):
             if count < own_batches * self.batch_size:
                 continue
             index = (count * num_workers + worker_id) * self.num_processes + self.process_index
-            yield _make_sample(row, index, self.epoch, self.transform, self.columns, self._warned)
+            yield make_sample(row, index, self.epoch, self.transform, self.columns, self._warned)
 
 
 def collate_fn(batch: list[Sample | None]) -> dict[str, Any]:
@@ -286,7 +286,8 @@ def build_train_and_heldout(
             rows = datasets.Dataset.from_list(list(dataset.take(num_heldout)))
             heldout = rows.cast_column(config.image_column, datasets.Image(decode=False))
             dataset = dataset.skip(num_heldout)
-        shard = shard_for_process(dataset, process_index, num_processes)
+        # Bucketed streams are read whole by every process, which then agree on each batch's shape (BucketedStream).
+        shard = dataset if config.aspect_buckets else shard_for_process(dataset, process_index, num_processes)
         train = StreamingTrainDataset(shard, transform, *columns, process_index, num_processes)
     else:
         dataset = _drop_bad_captions(dataset, config.caption_column)
@@ -364,13 +365,14 @@ def make_dataloader(
         The DataLoader.
     """
     streaming = isinstance(dataset, torch.utils.data.IterableDataset)
+    whole_batches = getattr(dataset, "yields_batches", False)  # a bucketed stream batches its own samples
     return torch.utils.data.DataLoader(
         dataset,
-        batch_size=config.train_batch_size,
+        batch_size=None if whole_batches else config.train_batch_size,
         shuffle=not streaming,
         generator=None if streaming else torch.Generator().manual_seed(epoch_seed),
         num_workers=workers_for(config),
-        collate_fn=collate,
+        collate_fn=None if whole_batches else collate,
         pin_memory=torch.cuda.is_available(),  # page-locked batches copy to the GPU without a staging copy
     )
 
