@@ -221,8 +221,10 @@ def test_ldm_generate_writes_png(saved_tiny_pipe, tmp_path):
     assert PIL.Image.open(out).size == (32, 32)  # 2 prompts x 2 images of 16 px
 
 
-def test_ldm_generate_errors_name_its_own_flags_and_exit_2(saved_tiny_pipe, tmp_path):
-    script = Path(sys.executable).parent / "ldm-generate"
+def test_ldm_generate_errors_name_its_own_flags_and_exit_2(saved_tiny_pipe, tmp_path, capsys):
+    # In-process (the script's entry point runs this same `main`; test_ldm_generate_writes_png runs the script).
+    from ldm.cli import main
+
     cases = [
         (["--steps", "0"], "--steps=0 must be an integer >= 1"),
         (["--num", "0"], "--num=0"),
@@ -231,19 +233,12 @@ def test_ldm_generate_errors_name_its_own_flags_and_exit_2(saved_tiny_pipe, tmp_
         (["--model", str(tmp_path / "nowhere" / "pipe")], "--model"),
     ]
     for args, message in cases:
-        argv = [
-            str(script),
-            "a red circle",
-            "--model",
-            str(saved_tiny_pipe),
-            "--out",
-            str(tmp_path / "x.png"),
-            *args,
-        ]
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 2, (args, result.stderr[-2000:])
-        assert message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr[-2000:])
-        lines = result.stderr.strip().splitlines()  # argparse's usage, then one error line
+        with pytest.raises(SystemExit) as exit_info:
+            main(["a red circle", "--model", str(saved_tiny_pipe), "--out", str(tmp_path / "x.png"), *args])
+        stderr = capsys.readouterr().err
+        assert exit_info.value.code == 2, (args, stderr[-2000:])
+        assert message in stderr and "Traceback" not in stderr, (args, stderr[-2000:])
+        lines = stderr.strip().splitlines()  # argparse's usage, then one error line
         assert lines[-1].startswith("ldm-generate: error: ") and not lines[0].startswith(
             "ldm-generate: error"
         )
