@@ -126,13 +126,14 @@ class TrainDataset(torch.utils.data.Dataset):
 
     def image_sizes(self) -> list[tuple[int, int] | None]:
         """Every row's upright (width, height) from the image headers; None where the header cannot be read."""
-        sizes = []
-        for record in self.dataset[self.columns[0]]:
-            try:
-                sizes.append(upright_size(record))
-            except DECODE_ERRORS:
-                sizes.append(None)
-        return sizes
+        return [self.image_size(index) for index in range(len(self))]
+
+    def image_size(self, index: int) -> tuple[int, int] | None:
+        """Row ``index``'s upright (width, height) from its image header (no pixels decoded); None if unreadable."""
+        try:
+            return upright_size(self.dataset[index][self.columns[0]])
+        except DECODE_ERRORS:
+            return None
 
     @functools.cached_property
     def content_hash(self) -> str:

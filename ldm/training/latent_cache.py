@@ -274,11 +274,8 @@ def _crops_fixed(dataset: TrainDataset, accelerator) -> bool:
     fixed = True
     for index in range(accelerator.process_index, len(dataset), accelerator.num_processes):
         crop = dataset.bucket(index) or (dataset.transform.resolution,) * 2
-        try:
-            size = dataset.open(index).size
-        except DECODE_ERRORS:
-            continue
-        if cover_size(size, crop) != crop:
+        size = dataset.image_size(index)  # the header alone
+        if size is not None and cover_size(size, crop) != crop:
             fixed = False
             break
     flag = torch.tensor(float(fixed), device=accelerator.device)

@@ -53,17 +53,21 @@ def open_image(value: dict | Image.Image | str | os.PathLike) -> Image.Image:
     """
     if isinstance(value, Image.Image):
         return _upright_rgb(value)
+    with Image.open(_file(value)) as image:
+        return _upright_rgb(image)
+
+
+def _file(value: dict | str | os.PathLike) -> io.BytesIO | str | os.PathLike:
+    """What `Image.open` reads for a `datasets.Image(decode=False)` record (bytes preferred) or a path."""
     if isinstance(value, dict):
         if value.get("bytes") is not None:
-            value = io.BytesIO(value["bytes"])
-        elif value.get("path") is not None:
-            value = value["path"]
-        else:
-            raise ValueError("Image record has neither bytes nor path.")
-    elif not isinstance(value, (str, os.PathLike)):
+            return io.BytesIO(value["bytes"])
+        if value.get("path") is not None:
+            return value["path"]
+        raise ValueError("Image record has neither bytes nor path.")
+    if not isinstance(value, (str, os.PathLike)):
         raise TypeError(f"Cannot open an image from a {type(value).__name__}.")
-    with Image.open(value) as image:
-        return _upright_rgb(image)
+    return value
 
 
 def upright_size(value: dict | Image.Image | str | os.PathLike) -> tuple[int, int]:
@@ -76,11 +80,7 @@ def upright_size(value: dict | Image.Image | str | os.PathLike) -> tuple[int, in
     """
     if isinstance(value, Image.Image):
         return _upright_rgb(value).size
-    if isinstance(value, dict):
-        value = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value.get("path")
-        if value is None:
-            raise ValueError("Image record has neither bytes nor path.")
-    with Image.open(value) as image:
+    with Image.open(_file(value)) as image:
         width, height = image.size
         turned = image.getexif().get(Image.ExifTags.Base.Orientation) in (5, 6, 7, 8)
     return (height, width) if turned else (width, height)
@@ -245,19 +245,22 @@ class ImageCaptionTransform:
         captions = caption_list(caption, index)
         draws = draw_sample(self.seed, epoch, index, len(captions), self.random_flip)
         if bucket is not None:
-            pixels = self.bucket_crop(image, bucket, draws.crop_top_u, draws.crop_left_u, draws.flip)
+            pixels = self.bucket_crop(
+                image, bucket, draws.crop_top_u, draws.crop_left_u, draws.flip, self.center_crop
+            )
             return pixels, captions[draws.caption_index]
         top, left = draws.crop_offsets(image.size, self.resolution, self.center_crop)
         return self.crop(image, top, left, draws.flip), captions[draws.caption_index]
 
+    @staticmethod
     def bucket_crop(
-        self, image: Image.Image, bucket: tuple[int, int], top_u: float, left_u: float, flip: bool
+        image: Image.Image, bucket: tuple[int, int], top_u: float, left_u: float, flip: bool, center: bool
     ) -> torch.Tensor:
         """Resize to just cover ``bucket``, cut it (centre, or placed by the uniforms), flip if asked: (3, h, w)."""
         size = cover_size(image.size, bucket)
         if image.size != size:
             image = image.resize(size, resample=RESAMPLE)
-        image = image.crop(crop_box(size, bucket, top_u, left_u, self.center_crop))
+        image = image.crop(crop_box(size, bucket, top_u, left_u, center))
         if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return image_to_tensor(image)
@@ -276,9 +279,7 @@ class ImageCaptionTransform:
         """The centre window (of the square, or of ``bucket``), unflipped: what the latent cache encodes (it flips
         the tensor for the twin)."""
         if bucket is not None:
-            size = cover_size(image.size, bucket)
-            image = image.resize(size, resample=RESAMPLE) if image.size != size else image
-            return image_to_tensor(image.crop(crop_box(size, bucket, 0.0, 0.0, center=True)))
+            return self.bucket_crop(image, bucket, 0.0, 0.0, flip=False, center=True)
         width, height = resized_size(image.size, self.resolution)
         return self.crop(image, (height - self.resolution) // 2, (width - self.resolution) // 2, flip=False)
 
