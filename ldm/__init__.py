@@ -17,14 +17,22 @@ The package map (README's Layout section has the same table):
 """
 
 from ldm.guidance import classifier_free_guidance, rescale_guidance
-from ldm.img2img import LatentImg2ImgPipeline
-from ldm.inpaint import LatentInpaintPipeline
-from ldm.pipeline import LatentPipeline, LatentPipelineOutput
+from ldm.pipelines.controlnet import (
+    LatentControlNetImg2ImgPipeline,
+    LatentControlNetInpaintPipeline,
+    LatentControlNetPipeline,
+)
+from ldm.pipelines.img2img import LatentImg2ImgPipeline
+from ldm.pipelines.inpaint import LatentInpaintPipeline
+from ldm.pipelines.text_to_image import LatentPipeline, LatentPipelineOutput
 from ldm.presets import PRESETS, build_pipeline, build_unet
 from ldm.tokenizer import write_clip_tokenizer
 
 __all__ = [
     "PRESETS",
+    "LatentControlNetImg2ImgPipeline",
+    "LatentControlNetInpaintPipeline",
+    "LatentControlNetPipeline",
     "LatentImg2ImgPipeline",
     "LatentInpaintPipeline",
     "LatentPipeline",

@@ -292,3 +292,157 @@ def check_mask_fits(image, mask_image) -> None:
             f"mask_image is {mask_size[0]}x{mask_size[1]} (height x width) but image is "
             f"{image_size[0]}x{image_size[1]}; resize the mask to the image's size."
         )
+
+
+# What a ControlNet copies from the UNet it controls: its residuals fit the UNet's blocks only where these agree.
+_ENCODER_KEYS = ("block_out_channels", "layers_per_block", "cross_attention_dim")
+
+
+def _encoder_shape(config) -> dict:
+    """The config's `_ENCODER_KEYS`, lists as tuples (a loaded config holds lists where a built one has tuples)."""
+    return {
+        key: tuple(config[key]) if isinstance(config[key], list) else config[key] for key in _ENCODER_KEYS
+    }
+
+
+def check_controlnet_fits(controlnet, unet, factor: int) -> None:
+    """Each ControlNet copies the UNet's encoder (block widths, layers, text width) and maps a control image onto
+    the latent grid: its conditioning embedding downsamples by the VAE's scale factor `factor`."""
+    if controlnet is None or unet is None:
+        return
+    for k, net in enumerate(getattr(controlnet, "nets", [controlnet])):
+        ours, theirs = _encoder_shape(net.config), _encoder_shape(unet.config)
+        if ours != theirs:
+            raise ValueError(
+                f"ControlNet {k} has {ours} but the UNet has {theirs}; its residuals would not fit the UNet's "
+                "blocks. Use a ControlNet trained for this UNet (ControlNetModel.from_unet(unet) builds one)."
+            )
+        channels = net.config.conditioning_embedding_out_channels
+        down = 2 ** (len(channels) - 1)
+        if down != factor:
+            raise ValueError(
+                f"ControlNet {k} downsamples control images {down}x (conditioning_embedding_out_channels="
+                f"{tuple(channels)}) but the VAE {factor}x, so its residuals would not fit the latents; use a "
+                f"ControlNet whose conditioning_embedding_out_channels has {int(math.log2(factor)) + 1} entries."
+            )
+
+
+def image_count(image) -> int:
+    """How many images `image` holds: 1 for a PIL image, an (H, W[, C]) array or a (C, H, W) tensor; else its
+    batch (a list's length, a 4-D array's or tensor's first dimension)."""
+    if isinstance(image, list):
+        return len(image)
+    if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 4:
+        return image.shape[0]
+    return 1
+
+
+def image_channels(image) -> int | None:
+    """Channels of an array (..., H, W, C) / (H, W) or a tensor (..., C, H, W); None for PIL images."""
+    first = image[0] if isinstance(image, list) else image
+    if isinstance(first, np.ndarray):
+        return first.shape[-1] if first.ndim >= 3 else 1
+    if isinstance(first, torch.Tensor):
+        return first.shape[-3] if first.ndim >= 3 else 1
+    return None
+
+
+def check_control_images(image, num_nets: int, batch_size: int, channels: int, name: str = "image") -> list:
+    """One control image input per ControlNet, each of one image or one per prompt, with finite pixel values.
+    `name` is the argument's, for the messages.
+
+    Returns the inputs as a list with one entry per ControlNet: `[image]` for one ControlNet, `image` for several
+    (a list with one list of per-ControlNet images per prompt is transposed, as diffusers does).
+
+    Raises:
+        TypeError: an input is not an image, or several ControlNets do not get a list.
+        ValueError: the wrong number of inputs, batch or channels; NaN or infinite values.
+    """
+    if num_nets == 1:
+        inputs = [image]
+    elif not isinstance(image, (list, tuple)):
+        raise TypeError(
+            f"{name} must be a list of {num_nets} control images, one per ControlNet; got {type(image).__name__}."
+        )
+    elif image and all(isinstance(per_prompt, (list, tuple)) for per_prompt in image):
+        if any(len(per_prompt) != num_nets for per_prompt in image):
+            raise ValueError(
+                f"{name} is a list of lists, one per prompt, so each must hold one control image per ControlNet "
+                f"({num_nets}); got lengths {[len(per_prompt) for per_prompt in image]}."
+            )
+        inputs = [list(per_net) for per_net in zip(*image, strict=True)]
+    else:
+        inputs = list(image)
+    if len(inputs) != num_nets:
+        raise ValueError(
+            f"{name} has {len(inputs)} control images for {num_nets} ControlNets; pass exactly one per ControlNet."
+        )
+    for k, control in enumerate(inputs):
+        label = name if num_nets == 1 else f"{name}[{k}]"
+        image_hw(control, label)
+        count = image_count(control)
+        if count not in (1, batch_size):
+            raise ValueError(
+                f"{label} holds {count} control images for {batch_size} prompts; pass one (used for every prompt) "
+                f"or exactly {batch_size}, one per prompt."
+            )
+        found = image_channels(control)
+        if found is not None and found != channels:
+            raise ValueError(
+                f"{label} has {found} channels but the ControlNet takes {channels}-channel control images; pass an "
+                f"RGB image, an (H, W, {channels}) array or a ({channels}, H, W) tensor in [0, 1]."
+            )
+        arrays = [
+            p
+            for p in (control if isinstance(control, list) else [control])
+            if not isinstance(p, PIL.Image.Image)
+        ]
+        if any(not torch.isfinite(torch.as_tensor(p)).all() for p in arrays):
+            raise ValueError(
+                f"{label} has NaN or infinite values; a control image holds pixel values in [0, 1]."
+            )
+    return inputs
+
+
+def check_control_scale(scale, num_nets: int) -> list[float]:
+    """controlnet_conditioning_scale is a finite number for every ControlNet, or a list of one per ControlNet;
+    returns one per ControlNet."""
+    scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * num_nets
+    if any(not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(s) for s in scales):
+        raise ValueError(
+            f"controlnet_conditioning_scale={scale!r} must be a finite number (1.0 adds the ControlNet's residuals "
+            "as trained, 0 switches it off), or a list with one per ControlNet."
+        )
+    if len(scales) != num_nets:
+        raise ValueError(
+            f"controlnet_conditioning_scale={scale!r} has {len(scales)} entries for {num_nets} ControlNets; give "
+            "one number per ControlNet, or a single number for all of them."
+        )
+    return [float(s) for s in scales]
+
+
+def check_control_window(start, end, num_nets: int) -> tuple[list[float], list[float]]:
+    """control_guidance_start < control_guidance_end, fractions of the schedule in [0, 1], one pair per ControlNet
+    (a single number serves every ControlNet); returns them as two lists."""
+    windows = {}
+    for name, value in (("control_guidance_start", start), ("control_guidance_end", end)):
+        values = list(value) if isinstance(value, (list, tuple)) else [value] * num_nets
+        if any(not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v <= 1.0 for v in values):
+            raise ValueError(
+                f"{name}={value!r} must be a fraction of the schedule in [0, 1] (0.0 starts at the first step, 1.0 "
+                "ends at the last), or a list with one per ControlNet."
+            )
+        if len(values) != num_nets:
+            raise ValueError(
+                f"{name}={value!r} has {len(values)} entries for {num_nets} ControlNets; give one per ControlNet, "
+                "or a single number for all of them."
+            )
+        windows[name] = values
+    starts, ends = windows["control_guidance_start"], windows["control_guidance_end"]
+    for s, e in zip(starts, ends, strict=True):
+        if s >= e:
+            raise ValueError(
+                f"control_guidance_start={s} must be below control_guidance_end={e}: the ControlNet acts from the "
+                "start to the end fraction of the schedule (0.0 and 1.0 for every step)."
+            )
+    return starts, ends

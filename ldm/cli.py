@@ -1,7 +1,8 @@
 """`ldm-generate`: sample images from a saved pipeline folder or Hub repository.
 
 Text-to-image by default; `--image` turns it into img2img, `--image` with `--mask` into inpainting, and `--lora`
-loads a LoRA (diffusers or kohya format) first.
+loads a LoRA (diffusers or kohya format) first. `--controlnet` with `--control_image` adds a ControlNet to any of
+the three (`--canny` first turns the control image into its Canny edge map).
 """
 
 from __future__ import annotations
@@ -12,12 +13,19 @@ from pathlib import Path
 
 import PIL.Image
 import torch
+from diffusers import ControlNetModel
 
 from ldm.checks import check_count, check_guidance, check_image_size, check_mask_fits, check_strength
+from ldm.control import canny_edges, import_cv2
 from ldm.images import image_grid
-from ldm.img2img import LatentImg2ImgPipeline
-from ldm.inpaint import LatentInpaintPipeline
-from ldm.pipeline import LatentPipeline
+from ldm.pipelines.controlnet import (
+    LatentControlNetImg2ImgPipeline,
+    LatentControlNetInpaintPipeline,
+    LatentControlNetPipeline,
+)
+from ldm.pipelines.img2img import LatentImg2ImgPipeline
+from ldm.pipelines.inpaint import LatentInpaintPipeline
+from ldm.pipelines.text_to_image import LatentPipeline
 from ldm.schedulers import SCHEDULERS, scheduler_from_name
 
 
@@ -51,6 +59,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--lora_scale", type=float, default=1.0, help="How strongly the LoRA applies (default 1)."
+    )
+    parser.add_argument(
+        "--controlnet",
+        default=None,
+        help="A ControlNetModel folder (safetensors) to steer with --control_image.",
+    )
+    parser.add_argument(
+        "--control_image",
+        default=None,
+        help="With --controlnet: the control image (edges, depth, pose); without --image it sets the output size.",
+    )
+    parser.add_argument(
+        "--control_scale",
+        type=float,
+        default=None,
+        help="With --controlnet: its residuals' scale (default 1).",
+    )
+    parser.add_argument(
+        "--canny",
+        action="store_true",
+        help='With --control_image: use its Canny edge map (needs OpenCV: pip install "ldm[canny]").',
     )
     parser.add_argument("--out", default="out.png", help="PNG path: one image, or a grid of all of them.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -86,6 +115,30 @@ def check_image_flags(parser: argparse.ArgumentParser, args: argparse.Namespace)
         raise ValueError(f"--lora {args.lora}: no such file or folder.")
 
 
+def check_control_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--controlnet and --control_image go together; --control_scale and --canny need them."""
+    if args.controlnet is not None and args.control_image is None:
+        parser.error("--controlnet needs --control_image (the image the ControlNet reads).")
+    if args.control_image is not None and args.controlnet is None:
+        parser.error("--control_image needs --controlnet (the ControlNet that reads it).")
+    if args.controlnet is None:
+        for flag, used in (("--control_scale", args.control_scale is not None), ("--canny", args.canny)):
+            if used:
+                parser.error(f"{flag} needs --controlnet and --control_image.")
+        return
+    if not Path(args.controlnet).is_dir():
+        raise ValueError(f"--controlnet {args.controlnet}: no such folder (a saved ControlNetModel).")
+    if not Path(args.control_image).is_file():
+        raise ValueError(f"--control_image {args.control_image}: no such file.")
+    if args.control_scale is not None and not math.isfinite(args.control_scale):
+        raise ValueError(f"--control_scale={args.control_scale} must be a finite number (1 = as trained).")
+    if args.canny:
+        try:
+            import_cv2()
+        except ImportError as err:
+            parser.error(f"--canny: {err}")
+
+
 def load_checked(parser: argparse.ArgumentParser, args: argparse.Namespace) -> LatentPipeline:
     """Check the flags, then load the pipeline (and LoRA); a problem exits 2 with one line that names the flag."""
     try:
@@ -93,6 +146,7 @@ def load_checked(parser: argparse.ArgumentParser, args: argparse.Namespace) -> L
         check_count("--num", args.num, example=1)
         check_guidance(args.guidance, name="--guidance")
         check_image_flags(parser, args)
+        check_control_flags(parser, args)
     except ValueError as err:
         parser.error(str(err).replace("strength=", "--strength="))
     try:
@@ -137,6 +191,31 @@ def image_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace, pipe
     }
 
 
+# The ControlNet pipeline of each mode; its control image argument is "image" for text-to-image (diffusers' names).
+CONTROLNET_PIPELINES = {
+    LatentPipeline: (LatentControlNetPipeline, "image"),
+    LatentImg2ImgPipeline: (LatentControlNetImg2ImgPipeline, "control_image"),
+    LatentInpaintPipeline: (LatentControlNetInpaintPipeline, "control_image"),
+}
+
+
+def control_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace, pipe: LatentPipeline):
+    """With --controlnet: the mode's ControlNet pipeline sharing `pipe`'s modules, and its control arguments."""
+    if args.controlnet is None:
+        return pipe, {}
+    control = open_image(parser, "--control_image", args.control_image, "RGB")
+    if args.canny:
+        control = canny_edges(control)
+    try:
+        controlnet = ControlNetModel.from_pretrained(args.controlnet, use_safetensors=True)
+        cls, image_argument = CONTROLNET_PIPELINES[type(pipe)]
+        pipe = cls.from_pipe(pipe, controlnet=controlnet)
+    except (OSError, ValueError) as err:
+        parser.error(f"--controlnet {args.controlnet}: {str(err).strip().splitlines()[0]}")
+    scale = 1.0 if args.control_scale is None else args.control_scale
+    return pipe, {image_argument: control, "controlnet_conditioning_scale": scale}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Load the pipeline, generate, and write one PNG (a grid with one row per prompt when several images)."""
     parser = build_parser()
@@ -144,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     pipe = load_checked(parser, args)
     pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
     pipe, image_kwargs = image_inputs(parser, args, pipe)
+    pipe, control_kwargs = control_inputs(parser, args, pipe)
     pipe.to(args.device)
     total = len(args.prompts) * args.num
     # One generator per image, so an image does not change when more prompts or images are asked for.
@@ -158,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         generator=generators,
         cross_attention_kwargs=None if args.lora is None else {"scale": args.lora_scale},
         **image_kwargs,
+        **control_kwargs,
     ).images
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ldm.pipeline import LatentPipeline
+from ldm.pipelines.text_to_image import LatentPipeline
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # Unit tests: two UNet blocks, a 2x VAE, a two-layer text encoder; 16 px images, 8x8x4 latents.

@@ -15,7 +15,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
 
 from ldm.checks import check_strength, image_hw
-from ldm.pipeline import LatentPipeline, LatentPipelineOutput
+from ldm.pipelines.text_to_image import LatentPipeline, LatentPipelineOutput
 
 
 class LatentImg2ImgPipeline(LatentPipeline):

@@ -37,7 +37,7 @@ from ldm.checks import (
 )
 from ldm.encoding import encode_text, unscale_latents, vae_scale_factor
 from ldm.guidance import classifier_free_guidance, rescale_guidance
-from ldm.pipeline_io import PipelineLoadingMixin, fix_legacy_scheduler
+from ldm.pipelines.loading import PipelineLoadingMixin, fix_legacy_scheduler
 from ldm.single_file import LatentSingleFileMixin
 
 logger = logging.get_logger(__name__)

@@ -21,8 +21,8 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from ldm.checks import check_mask_fits, check_strength, image_hw
-from ldm.img2img import LatentImg2ImgPipeline
-from ldm.pipeline import LatentPipelineOutput
+from ldm.pipelines.img2img import LatentImg2ImgPipeline
+from ldm.pipelines.text_to_image import LatentPipelineOutput
 
 INPAINT_CHANNELS = (4, 9)  # a text-to-image UNet, or latents + mask + masked-image latents
 

@@ -1,0 +1,21 @@
+"""The sampling pipelines, one file each: `text_to_image` (`LatentPipeline`, whose numbered steps the others reuse),
+`img2img`, `inpaint`, `controlnet`; `loading` holds what they share for loading, saving and uploading."""
+
+from ldm.pipelines.controlnet import (
+    LatentControlNetImg2ImgPipeline,
+    LatentControlNetInpaintPipeline,
+    LatentControlNetPipeline,
+)
+from ldm.pipelines.img2img import LatentImg2ImgPipeline
+from ldm.pipelines.inpaint import LatentInpaintPipeline
+from ldm.pipelines.text_to_image import LatentPipeline, LatentPipelineOutput
+
+__all__ = [
+    "LatentControlNetImg2ImgPipeline",
+    "LatentControlNetInpaintPipeline",
+    "LatentControlNetPipeline",
+    "LatentImg2ImgPipeline",
+    "LatentInpaintPipeline",
+    "LatentPipeline",
+    "LatentPipelineOutput",
+]
