@@ -2,15 +2,19 @@
 
 The package map (README's Layout section has the same table):
 
-- sampling and what it shares with training: `pipeline` (`LatentPipeline`, its numbered steps; the sampler step is
+- `pipelines/`, one file per pipeline: `text_to_image` (`LatentPipeline`, its numbered steps; the sampler step is
   the diffusers scheduler's, called in `LatentPipeline.denoise`), `img2img` and `inpaint` (their own steps only),
-  `pipeline_io` (load, save, upload), `call_state` and `guidance`, `checks` (argument and component checks),
+  `controlnet` (ControlNet text-to-image, img2img and inpainting), `loading` (load, save, upload).
+- what sampling and training share: `call_state` and `guidance`, `checks` (argument and component checks),
   `encoding` (text embeddings, latent scaling), `presets` (model shapes), `schedulers` (samplers by name),
-  `tokenizer`, `hub`, `cli` (`ldm-generate`), `single_file` and `export` (`ldm-export`), `images`, `seeding`.
+  `tokenizer`, `hub`, `cli` (`ldm-generate`), `control` (Canny control images), `single_file` and `export`
+  (`ldm-export`), `images`, `seeding`.
 - `training/`: `config` -> `sources` -> `data` (+ `transforms`: every per-sample random draw; `buckets`: aspect-ratio
   buckets and their sampler, `bucketing`: in a run) -> `latent_cache` ->
-  `encoders` (batch -> latents, text embeddings) -> `loss` -> optimizer; `checkpoint` (save, resume, prune,
-  upload, final save), `lora` (adapters and their files), `validation`, `guards` (lock, run fingerprint),
+  `encoders` (batch -> latents, text embeddings) -> `loss` -> optimizer; `loop` (the one step loop every trainer
+  runs), `run` (what every trainer does around it: start-up, accelerator, data, frozen models, optimizer, loader,
+  end of run), `checkpoint` (save, resume, prune, upload, final save), `lora` (adapters and their files),
+  `controlnet` (a ControlNet run's options, initialisation, files), `validation`, `guards` (lock, run fingerprint),
   `integrity` (manifests), `distributed`, `vae`.
 - `shapes/`: the offline demo world: `synthetic` data, `detector`, `adherence` evaluation, `text_stack`, `aspects`
   (mixed-aspect copies).

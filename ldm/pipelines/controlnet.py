@@ -40,7 +40,6 @@ from ldm.checks import (
     check_strength,
     image_hw,
 )
-from ldm.guidance import classifier_free_guidance, rescale_guidance
 from ldm.pipelines.img2img import LatentImg2ImgPipeline
 from ldm.pipelines.inpaint import LatentInpaintPipeline
 from ldm.pipelines.text_to_image import LatentPipeline, LatentPipelineOutput
@@ -196,18 +195,18 @@ class LatentControlNetPipeline(LatentPipeline):
 
     # ------------------------------------------------------------------ step 6: ControlNet residuals in the noise
 
-    def control_residuals(
+    def unet_residuals(
         self, latents: torch.Tensor, model_input: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor
-    ) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
-        """The ControlNets' summed residuals for the UNet's down blocks and mid block at this step; (None, None)
-        outside every window, where they would all be zero.
+    ) -> dict:
+        """The ControlNets' summed residuals for the UNet's down blocks and mid block at this step; none outside
+        every window, where they would all be zero.
 
-        `model_input` is the scaled x_t batch the UNet gets ([x_t, x_t] under guidance). In guess mode under
-        guidance the ControlNets see only the conditional half and the unconditional half gets zero residuals.
+        `model_input` is the scaled x_t batch ([x_t, x_t] under guidance). In guess mode under guidance the
+        ControlNets see only the conditional half and the unconditional half gets zero residuals.
         """
         scales = self._control_scales[self._control_step]
         if not any(scales):
-            return None, None
+            return {}
         images = self._step_state[self.control_image_key]
         is_multi = isinstance(self.controlnet, MultiControlNetModel)
         guess_cfg = self._guess_mode and self.do_classifier_free_guidance
@@ -226,45 +225,7 @@ class LatentControlNetPipeline(LatentPipeline):
         if guess_cfg:
             down = [torch.cat([torch.zeros_like(d), d]) for d in down]
             mid = torch.cat([torch.zeros_like(mid), mid])
-        return down, mid
-
-    def predict_noise(
-        self,
-        latents: torch.Tensor,
-        t: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        guidance_scale: float,
-        guidance_rescale: float = 0.0,
-        timestep_cond: torch.Tensor | None = None,
-        added_cond_kwargs: dict | None = None,
-    ) -> torch.Tensor:
-        """`LatentPipeline.predict_noise` with the ControlNets' residuals added inside the UNet.
-
-        The guidance lines repeat the parent's: its UNet call has no way to take the residuals.
-        """
-        do_cfg = self.do_classifier_free_guidance
-        model_input = self.scheduler.scale_model_input(
-            torch.cat([latents, latents]) if do_cfg else latents, t
-        )
-        down, mid = self.control_residuals(latents, model_input, t, prompt_embeds)
-        eps = self.unet(
-            self.unet_input(model_input),
-            t,
-            encoder_hidden_states=prompt_embeds,
-            timestep_cond=timestep_cond,
-            cross_attention_kwargs=self.cross_attention_kwargs,
-            down_block_additional_residuals=down,
-            mid_block_additional_residual=mid,
-            added_cond_kwargs=added_cond_kwargs,
-            return_dict=False,
-        )[0]
-        if not do_cfg:
-            return eps
-        eps_uncond, eps_cond = eps.chunk(2)
-        eps = classifier_free_guidance(eps_uncond, eps_cond, guidance_scale)
-        if guidance_rescale > 0:
-            eps = rescale_guidance(eps, eps_cond, guidance_rescale)
-        return eps
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
     # ------------------------------------------------------------------ the whole call
 

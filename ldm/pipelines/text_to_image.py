@@ -280,6 +280,13 @@ class LatentPipeline(
         """Latents after scheduler step i; unchanged here (inpainting restores the known region)."""
         return latents
 
+    def unet_residuals(
+        self, latents: torch.Tensor, model_input: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor
+    ) -> dict:
+        """Residuals the UNet adds to its skip connections at this step, as UNet keyword arguments; none here (a
+        ControlNet's go here). `model_input` is the scaled x_t batch, before `unet_input`."""
+        return {}
+
     def predict_noise(
         self,
         latents: torch.Tensor,
@@ -295,16 +302,19 @@ class LatentPipeline(
         Under guidance `prompt_embeds` is the concatenation [negative; positive] (2B, 77, D), as in diffusers.
         """
         do_cfg = self.do_classifier_free_guidance
-        model_input = torch.cat([latents, latents]) if do_cfg else latents
-        model_input = self.unet_input(self.scheduler.scale_model_input(model_input, t))
+        model_input = self.scheduler.scale_model_input(
+            torch.cat([latents, latents]) if do_cfg else latents, t
+        )
+        residuals = self.unet_residuals(latents, model_input, t, prompt_embeds)
         eps = self.unet(
-            model_input,
+            self.unet_input(model_input),
             t,
             encoder_hidden_states=prompt_embeds,
             timestep_cond=timestep_cond,
             cross_attention_kwargs=self.cross_attention_kwargs,
             added_cond_kwargs=added_cond_kwargs,
             return_dict=False,
+            **residuals,
         )[0]
         if not do_cfg:
             return eps
