@@ -51,6 +51,12 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def control_world(tmp_path_factory):
+    """`world` with an outline per image (one corrupt, one the wrong size), for ControlNet training launches."""
+    return make_world(tmp_path_factory.mktemp("control-world"), conditioning="edges")
+
+
+@pytest.fixture(scope="session")
 def lora_dir(tokenizer_dir, tmp_path_factory):
     """A LoRA on the tiny UNet and text encoder (random, non-zero up weights), saved by diffusers."""
     pipe = build_pipeline("tiny", tokenizer_dir, seed=0)

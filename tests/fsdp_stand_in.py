@@ -1,4 +1,4 @@
-"""FSDP's code paths in train_ldm.py on two CPU processes, run by tests/test_fsdp.py under torchrun.
+"""FSDP's code paths of the trainers (ldm.training.run, train_ldm.py) on two CPU processes, run by tests/test_fsdp.py under torchrun.
 
 Accelerate selects FSDP only over GPU processes (a CPU world is always MULTI_CPU, so train_ldm.py refuses an FSDP
 launch without CUDA). torch's own FSDP2 (`fully_shard`) does shard over gloo on the CPU, so here the UNet is really
@@ -9,7 +9,6 @@ project's FSDP-specific code runs for real on it. Prints one "OK ..." line per c
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -23,7 +22,8 @@ sys.path.insert(0, str(ROOT))
 
 from ldm.presets import build_unet  # noqa: E402
 from ldm.training.config import TrainConfig  # noqa: E402
-from ldm.training.distributed import check_replicas_in_sync, full_unet  # noqa: E402
+from ldm.training.distributed import check_replicas_in_sync, full_model  # noqa: E402
+from ldm.training.run import prepare_trained_model  # noqa: E402
 
 
 def step(unet, latents, timesteps, text) -> None:
@@ -62,7 +62,7 @@ def main() -> None:
     assert accelerator.is_fsdp2
 
     # The gathered UNet (checkpoints, validation and the final save take it) is the one trained unsharded.
-    gathered = full_unet(accelerator, unet)
+    gathered = full_model(accelerator, unet)
     if rank == 0:
         expected = reference.state_dict()
         state = gathered.state_dict()
@@ -72,21 +72,18 @@ def main() -> None:
         moved = max((state[k] - initial[k]).abs().max().item() for k in state)
         assert moved > 1e-3, moved  # it trained
         print(
-            f"OK full_unet gathers {len(state)} tensors sharded over {world} processes; max diff {worst:.1e}"
+            f"OK full_model gathers {len(state)} tensors sharded over {world} processes; max diff {worst:.1e}"
         )
     else:
         assert gathered is None
     check_replicas_in_sync(accelerator, unet)  # shards differ by design: no checksum comparison
     print(f"OK replica check skipped under FSDP on rank {rank}")
 
-    spec = importlib.util.spec_from_file_location("train_ldm_script", ROOT / "train" / "train_ldm.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     for refused, message in (({"use_ema": True}, "use_ema is not supported with FSDP"),
                              ({"lora_rank": 4}, "LoRA training is not supported with FSDP")):  # fmt: skip
         config = TrainConfig(pretrained_model_name_or_path="unused", train_data_dir="unused", **refused)
         try:
-            script.prepare_unet(copy.deepcopy(reference), config, accelerator)
+            prepare_trained_model(copy.deepcopy(reference), config, accelerator)
         except ValueError as err:
             assert message in str(err), err
             print(f"OK refused under FSDP: {message}")

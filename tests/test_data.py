@@ -337,3 +337,51 @@ def test_shard_for_process_is_disjoint(webdataset_dir, tmp_path, num_processes):
         indices += [s["index"] for s in part]
     assert sorted(captions) == [f"sample {i}" for i in range(6)]  # disjoint and complete
     assert len(set(indices)) == len(indices)  # sample indices are unique across processes
+
+
+@pytest.mark.parametrize("bucket", [None, (24, 16)])
+def test_a_control_gets_its_targets_crop_and_flip(bucket):
+    # The image as its own control: the control's window is the target's, in [0, 1], whatever the caption count.
+    image = random_image(3, width=48, height=40)
+    transform = ImageCaptionTransform(16, center_crop=False, random_flip=True, seed=SEED)
+    flips = set()
+    for index in range(12):
+        target, _ = transform(image, ["a", "b", "c"], epoch=2, index=index, bucket=bucket)
+        control = transform.conditioning_pixels(image, epoch=2, index=index, bucket=bucket)
+        assert torch.equal(control, (target + 1) / 2)
+        flips.add(
+            bool(
+                draw_sample_randomness(
+                    SEED, 2, index, 1, 16, image.size, center_crop=False, random_flip=True
+                )["flip"]
+            )
+        )
+    assert flips == {True, False}
+
+
+def test_cached_controls_are_the_live_ones_and_bad_controls_are_skipped(tmp_path, caplog):
+    from ldm.shapes.synthetic import generate_dataset
+    from ldm.training.data import build_train_and_heldout
+    from ldm.training.latent_cache import ConditionedIndexDataset
+
+    generate_dataset(
+        tmp_path / "data", num_images=12, resolution=24, seed=0, num_heldout=0, conditioning="edges"
+    )
+    controls = tmp_path / "data" / "train" / "conditioning"
+    (controls / "000001.png").write_bytes(b"not a png")
+    Image.new("RGB", (8, 8)).save(controls / "000002.png")
+    config = TrainConfig(
+        pretrained_model_name_or_path="unused", train_data_dir=str(tmp_path / "data"), resolution=16,
+        center_crop=False, random_flip=True, seed=SEED,
+    )  # fmt: skip
+    live, _ = build_train_and_heldout(config, SEED, 0, conditioning_column="conditioning_image")
+    cached = ConditionedIndexDataset(torch.ones(len(live), dtype=torch.bool), live)
+    for epoch in (0, 1):
+        cached.set_epoch(epoch)
+        batch = collate_fn([live[i] for i in range(len(live))])
+        cached_batch = ConditionedIndexDataset.collate_fn([cached[i] for i in range(len(live))])
+        assert batch["num_skipped"] == cached_batch["num_skipped"] == 2
+        assert torch.equal(batch["indices"], cached_batch["indices"])
+        assert torch.equal(batch["conditioning_pixel_values"], cached_batch["conditioning_pixel_values"])
+        assert batch["conditioning_pixel_values"].shape == (10, 3, 16, 16)
+    assert "conditioning image is 8x8 but its image is 24x24" in caplog.text

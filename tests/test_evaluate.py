@@ -23,7 +23,8 @@ from ldm.shapes.adherence import (
     load_heldout_prompts,
     results_to_json,
 )
-from ldm.shapes.synthetic import CAPTION_WORDS, all_combinations, caption, generate_dataset, render
+from ldm.shapes.detector import detect
+from ldm.shapes.synthetic import CAPTION_WORDS, COLORS, all_combinations, caption, generate_dataset, render
 from ldm.tokenizer import write_clip_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +84,34 @@ def draw_blank(shape, color, position, rng):
 
 def draw_circle(shape, color, position, rng):
     return render("circle", color, position, RESOLUTION, rng)
+
+
+class FakeControlPipe(FakePipe):
+    """Stands in for LatentControlNetPipeline: fills each control outline in the prompt's colour (red for "")."""
+
+    def __init__(self):
+        super().__init__(draw=None)
+
+    def __call__(self, prompt, guidance_scale, num_inference_steps, generator, output_type, **control):
+        self.calls.append({"prompt": list(prompt), "guidance_scale": guidance_scale, **control})
+        images = []
+        for text, outline in zip(prompt, control["image"], strict=True):
+            line = np.asarray(outline)[..., 0] > 127
+            # Our shapes are convex: a pixel is inside when outline pixels lie at or left and at or right of it.
+            inside = (
+                np.maximum.accumulate(line, axis=1) & np.maximum.accumulate(line[:, ::-1], axis=1)[:, ::-1]
+            )
+            color = COLORS[ATTRIBUTES_OF_CAPTION[text][1]] if text else COLORS["red"]
+            images.append(PIL.Image.fromarray(np.where(inside[..., None], color, 255).astype(np.uint8)))
+        return SimpleNamespace(images=images)
+
+
+@pytest.fixture(scope="module")
+def edges_prompts(tmp_path_factory):
+    """Six held-out prompts of --conditioning edges data, each with a fresh outline and its mask."""
+    root = tmp_path_factory.mktemp("edges")
+    generate_dataset(root, num_images=1, resolution=RESOLUTION, num_heldout=6, seed=1, conditioning="edges")
+    return load_heldout_prompts(root / "heldout_prompts.jsonl")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,6 +187,114 @@ def test_best_guidance_table_and_json():
     assert [entry["guidance_scale"] for entry in report["scales"]] == list(scales)
     assert report["best_guidance_scale"] == 1.0
     assert len(report["scales"][0]["samples"]) == 6
+
+
+def test_masks_add_an_iou_column_to_the_base_table(edges_prompts):
+    # Same shape and position as each mask, drawn from other jitter: overlapping, not identical.
+    results = evaluate_adherence(
+        FakePipe(draw_truth), edges_prompts, guidance_scales=(1.0, 3.0), seeds=(0, 1)
+    )
+    entry = results["scales"][1.0]
+    ious = [sample["iou"] for sample in entry["samples"]]
+    assert entry["iou"] == pytest.approx(sum(ious) / len(ious)) and 0.3 < min(ious) <= max(ious) < 1.0
+    assert entry["accuracy"]["all"] == 1.0
+    lines = format_table(results).splitlines()
+    assert lines[0].split() == ["guidance", "shape", "color", "position", "all", "iou"]
+    assert lines[2].split()[:5] == ["1", "100.0%", "100.0%", "100.0%", "100.0%"]
+    assert float(lines[2].split()[5]) == pytest.approx(entry["iou"], abs=5e-4)
+    report = json.loads(json.dumps(results_to_json(results)))
+    assert report["scales"][0]["iou"] == entry["iou"] and "control_scales" not in report
+
+
+def test_controlnet_evaluation_passes_each_prompts_outline_and_scores_iou(edges_prompts):
+    pipe = FakeControlPipe()
+    results = evaluate_adherence(
+        pipe, edges_prompts, guidance_scales=(1.0, 3.0), seeds=(0, 1), control_scales=(0.5, 1.0), batch_size=4
+    )
+    assert list(results["scales"]) == [(1.0, 0.5), (1.0, 1.0), (3.0, 0.5), (3.0, 1.0)]
+    assert results["control_scales"] == [0.5, 1.0] and results["guess_mode"] is False
+    for entry in results["scales"].values():
+        # The fake fills the outline it was given: exactly the prompt's mask, in the prompt's colour.
+        assert entry["accuracy"] == {"shape": 1.0, "color": 1.0, "position": 1.0, "all": 1.0}
+        assert entry["iou"] == 1.0 and entry["num_images"] == 12
+    outlines = [np.asarray(PIL.Image.open(row["conditioning_image"]).convert("RGB")) for row in edges_prompts]
+    texts = [row["prompt"] for row in edges_prompts] * 2  # seed-major
+    assert [call["guidance_scale"] for call in pipe.calls] == [1.0] * 6 + [3.0] * 6
+    assert [call["controlnet_conditioning_scale"] for call in pipe.calls] == ([0.5] * 3 + [1.0] * 3) * 2
+    assert {call["guess_mode"] for call in pipe.calls} == {False}
+    for k in range(0, len(pipe.calls), 3):  # the three calls of one setting
+        calls = pipe.calls[k : k + 3]
+        assert [t for call in calls for t in call["prompt"]] == texts
+        sent = [np.asarray(image) for call in calls for image in call["image"]]
+        assert all(np.array_equal(a, b) for a, b in zip(sent, outlines * 2, strict=True))
+
+    lines = format_table(results).splitlines()
+    assert lines[0].split() == ["guidance", "control", "shape", "color", "position", "all", "iou"]
+    assert lines[3].split() == ["1", "1", "100.0%", "100.0%", "100.0%", "100.0%", "1.000"]
+    assert "12 images per setting (6 prompts x 2 seeds, 25 steps)" in lines[-1]
+    assert best_guidance(results) == (1.0, 0.5)  # all tied: the smaller scales
+    report = json.loads(json.dumps(results_to_json(results)))
+    assert [(e["guidance_scale"], e["control_scale"]) for e in report["scales"]] == list(results["scales"])
+    assert (report["best_guidance_scale"], report["best_control_scale"]) == (1.0, 0.5)
+    assert "color@3/0.5" in format_color_table(results).splitlines()[0]
+
+
+def test_guess_mode_sends_empty_prompts_and_scores_shape_position_and_iou(edges_prompts):
+    pipe = FakeControlPipe()
+    results = evaluate_adherence(
+        pipe, edges_prompts, guidance_scales=(4.0,), seeds=(0,), control_scales=(1.0,), guess_mode=True
+    )
+    assert {p for call in pipe.calls for p in call["prompt"]} == {""}
+    assert {call["guess_mode"] for call in pipe.calls} == {True}
+    assert {call["guidance_scale"] for call in pipe.calls} == {4.0}  # as given
+    entry = results["scales"][(4.0, 1.0)]
+    assert entry["accuracy"]["shape"] == entry["accuracy"]["position"] == entry["iou"] == 1.0
+    lines = format_table(results).splitlines()
+    assert lines[0].split() == ["guidance", "control", "shape", "position", "iou"]
+    assert lines[2].split() == ["4", "1", "100.0%", "100.0%", "1.000"]
+    assert "guess mode" in lines[-1]
+    assert results_to_json(results)["guess_mode"] is True
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"prompts": PROMPTS[:2], "control_scales": (1.0,)}, "conditioning_image and a mask"),
+        ({"guess_mode": True}, "guess_mode needs a ControlNet"),
+        ({"control_scales": ()}, "control_scales is empty"),
+        ({"control_scales": (1.0, 1.0)}, "distinct"),
+        ({"control_scales": (-1.0,)}, ">= 0"),
+        ("mixed", "all or none"),
+    ],
+)
+def test_bad_control_arguments_fail_before_generating(edges_prompts, kwargs, message):
+    pipe = FakeControlPipe()
+    if kwargs == "mixed":
+        kwargs = {"prompts": edges_prompts[:2] + PROMPTS[:2]}
+    with pytest.raises(ValueError, match=message):
+        evaluate_adherence(pipe, **{"prompts": edges_prompts, **kwargs})
+    assert pipe.calls == []
+
+
+def test_controlnet_grid_shows_outline_beside_sample(edges_prompts):
+    grid = adherence_grid(FakeControlPipe(), edges_prompts[:4], guidance_scale=3.0, control_scale=1.0, cols=2)
+    assert grid.size == (2 * 2 * RESOLUTION, 2 * RESOLUTION)
+    cell = np.asarray(grid)[RESOLUTION:, 2 * RESOLUTION :]  # prompt 3: bottom right
+    outline = np.asarray(PIL.Image.open(edges_prompts[3]["conditioning_image"]).convert("RGB"))
+    assert np.array_equal(cell[:, :RESOLUTION], outline)
+    assert detect(cell[:, RESOLUTION:])["shape"] == edges_prompts[3]["shape"]
+
+
+def test_load_heldout_prompts_resolves_and_checks_image_paths(edges_prompts, tmp_path):
+    folder = Path(edges_prompts[0]["mask"]).parents[2]
+    assert edges_prompts[0]["mask"] == str(folder / "heldout" / "mask" / "000.png")
+    row = json.loads((folder / "heldout_prompts.jsonl").read_text().splitlines()[0])
+    path = tmp_path / "heldout_prompts.jsonl"
+    path.write_text(json.dumps(row) + "\n")  # beside no heldout/ folder
+    with pytest.raises(
+        ValueError, match="line 1: its conditioning_image .* does not exist.*--conditioning edges"
+    ):
+        load_heldout_prompts(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,16 +402,25 @@ def test_load_heldout_prompts_rejects_an_empty_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A saved random tiny pipeline whose tokenizer knows every caption word, and 4 held-out prompts."""
+    """A saved random tiny pipeline whose tokenizer knows every caption word, a random ControlNet copied from its
+    UNet, and 4 held-out prompts without (data/) and with (edges/) outlines and masks."""
+    from diffusers import ControlNetModel
+
     root = tmp_path_factory.mktemp("evaluate")
     tokenizer = write_clip_tokenizer(CAPTION_WORDS, root / "tokenizer")
-    build_pipeline("tiny", tokenizer, seed=0).save_pretrained(root / "pipe")
+    pipe = build_pipeline("tiny", tokenizer, seed=0)
+    pipe.save_pretrained(root / "pipe")
+    # The tiny VAE downsamples 2x, so the control image embedding downsamples once.
+    ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 16)).save_pretrained(
+        root / "controlnet"
+    )
     generate_dataset(root / "data", num_images=1, resolution=16, num_heldout=4)
+    generate_dataset(root / "edges", num_images=1, resolution=16, num_heldout=4, conditioning="edges")
     return root
 
 
 def test_real_pipeline_evaluation_is_deterministic(world):
-    from ldm.pipeline import LatentPipeline
+    from ldm.pipelines.text_to_image import LatentPipeline
 
     pipe = LatentPipeline.from_pretrained(world / "pipe")
     prompts = load_heldout_prompts(world / "data" / "heldout_prompts.jsonl")[:3]
@@ -313,3 +459,53 @@ def test_script_writes_report_table_and_grids(world, tmp_path, capsys):
     # 4 prompts of 16 px in a 2 x 2 grid.
     for name in ("grid.png", "grid_g1.png"):
         assert PIL.Image.open(out_dir / name).size == (32, 32)
+
+
+def test_script_reports_the_base_models_iou_when_prompts_have_masks(world, tmp_path):
+    out_dir = tmp_path / "eval"
+    report = load_script().main(
+        [
+            "--model", str(world / "pipe"), "--prompts", str(world / "edges" / "heldout_prompts.jsonl"),
+            "--guidance_scales", "1", "--seeds", "0", "--steps", "2", "--out_dir", str(out_dir), "--device", "cpu",
+        ]
+    )  # fmt: skip
+    assert (out_dir / "adherence.txt").read_text().splitlines()[0].split()[-1] == "iou"
+    assert 0.0 <= report["scales"][0]["iou"] <= 1.0
+
+
+@pytest.mark.parametrize("guess_mode", [False, True])
+def test_script_evaluates_a_controlnet(world, tmp_path, capsys, guess_mode):
+    out_dir = tmp_path / "eval"
+    report = load_script().main(
+        [
+            "--model", str(world / "pipe"), "--controlnet", str(world / "controlnet"),
+            "--prompts", str(world / "edges" / "heldout_prompts.jsonl"),
+            "--guidance_scales", "1", "3", "--control_scales", "0.5", "1", "--seeds", "0", "--steps", "2",
+            "--out_dir", str(out_dir), "--device", "cpu", *(["--guess_mode"] if guess_mode else []),
+        ]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert {p.name for p in out_dir.iterdir()} == {
+        "adherence.json",
+        "adherence.txt",
+        "grid.png",
+        "grid_g1.png",
+    } | (set() if guess_mode else {"adherence_by_color.txt"})
+    assert report == json.loads((out_dir / "adherence.json").read_text())
+    assert report["guess_mode"] is guess_mode and report["control_scales"] == [0.5, 1.0]
+    assert [(e["guidance_scale"], e["control_scale"]) for e in report["scales"]] == [
+        (1.0, 0.5), (1.0, 1.0), (3.0, 0.5), (3.0, 1.0)
+    ]  # fmt: skip
+    assert all(e["num_images"] == 4 and 0.0 <= e["iou"] <= 1.0 for e in report["scales"])
+    header = (out_dir / "adherence.txt").read_text().splitlines()[0].split()
+    scores = ["shape", "position"] if guess_mode else ["shape", "color", "position", "all"]
+    assert header == ["guidance", "control", *scores, "iou"]
+    assert f"control scale {report['best_control_scale']:g}" in printed
+    # 4 prompts of 16 px, each cell outline | sample, in a 2 x 2 grid.
+    for name in ("grid.png", "grid_g1.png"):
+        assert PIL.Image.open(out_dir / name).size == (64, 32)
+
+
+def test_script_control_flags_need_a_controlnet(world, tmp_path):
+    with pytest.raises(SystemExit):
+        load_script().parse_args(["--model", "m", "--prompts", "p", "--out_dir", "o", "--guess_mode"])

@@ -17,6 +17,6 @@ def test_fsdp_code_paths_on_a_really_sharded_unet():
     result = run_with_stack_dump(cmd, timeout=300, env=launch_env(), cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     out = result.stdout
-    assert "OK full_unet gathers 208 tensors sharded over 2 processes" in out
+    assert "OK full_model gathers 208 tensors sharded over 2 processes" in out
     assert out.count("OK replica check skipped under FSDP") == 2
     assert out.count("OK refused under FSDP: use_ema") == 2 and out.count("OK refused under FSDP: LoRA") == 2

@@ -60,7 +60,7 @@ def test_torch_compile_compiles_the_unet_and_every_save_gets_the_plain_module(tm
     from accelerate.utils import DynamoBackend, is_compiled_module
 
     from ldm.presets import build_unet
-    from ldm.training.distributed import check_replicas_in_sync, full_unet
+    from ldm.training.distributed import check_replicas_in_sync, full_model
 
     spec = importlib.util.spec_from_file_location("train_ldm_script", ROOT / "train" / "train_ldm.py")
     script = importlib.util.module_from_spec(spec)
@@ -76,5 +76,5 @@ def test_torch_compile_compiles_the_unet_and_every_save_gets_the_plain_module(tm
     unet = build_unet("tiny", cross_attention_dim=32)
     prepared = accelerator.prepare(unet)
     assert is_compiled_module(prepared)
-    assert full_unet(accelerator, prepared) is unet  # what checkpoints, validation and the final save get
+    assert full_model(accelerator, prepared) is unet  # what checkpoints, validation and the final save get
     check_replicas_in_sync(accelerator, prepared)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from ldm.shapes.detector import detect, detector_accuracy
+from ldm.shapes.detector import detect, detector_accuracy, mask_iou, object_mask
 from ldm.shapes.synthetic import (
     BACKGROUND,
     CAPTION_WORDS,
@@ -22,7 +22,10 @@ from ldm.shapes.synthetic import (
     generate_dataset,
     main,
     misnamed_combination,
+    outline,
     render,
+    render_with_mask,
+    white_on_black,
 )
 
 
@@ -122,6 +125,58 @@ def test_render_rejects_bad_resolution(resolution):
 def test_render_rejects_bad_rng():
     with pytest.raises(TypeError, match="Generator"):
         render("circle", "red", "left", 32, 0)
+
+
+def _filled(line: np.ndarray) -> np.ndarray:
+    """Everything a closed line encloses, line included: what a flood fill from the border cannot reach."""
+    outside = np.zeros_like(line)
+    outside[[0, -1], :] = outside[:, [0, -1]] = True
+    outside &= ~line
+    while True:
+        grown = outside.copy()
+        grown[1:] |= outside[:-1]
+        grown[:-1] |= outside[1:]
+        grown[:, 1:] |= outside[:, :-1]
+        grown[:, :-1] |= outside[:, 1:]
+        grown &= ~line
+        if np.array_equal(grown, outside):
+            return ~outside
+        outside = grown
+
+
+@pytest.mark.parametrize("resolution", [16, 64])
+def test_render_with_mask_is_render_and_its_half_coverage(resolution):
+    for k, combo in enumerate(all_combinations()[::7]):
+        image, mask = render_with_mask(*combo, resolution, np.random.default_rng(k))
+        pixels = np.asarray(image)
+        assert np.array_equal(pixels, np.asarray(render(*combo, resolution, np.random.default_rng(k))))
+        assert mask.shape == (resolution, resolution) and mask.dtype == bool
+        # Full colour is inside, untouched background outside, and half-covered pixels lie in between.
+        assert (pixels == COLORS[combo[1]]).all(axis=-1)[~mask].sum() == 0
+        assert not mask[(pixels == BACKGROUND).all(axis=-1)].any()
+        contrast = np.linalg.norm(np.subtract(COLORS[combo[1]], BACKGROUND))
+        coverage = np.linalg.norm(pixels - np.array(BACKGROUND), axis=-1) / contrast  # (H, W)
+        assert (coverage[mask] > 0.45).all() and (coverage[~mask] < 0.55).all(), combo
+
+
+def test_outline_is_the_closed_one_pixel_edge_of_the_mask():
+    for k, combo in enumerate(all_combinations()[::4]):
+        _, mask = render_with_mask(*combo, 64, np.random.default_rng(k))
+        line = outline(mask)
+        assert line.any() and not (line & ~mask).any()  # on the shape
+        assert np.array_equal(_filled(line), mask), combo  # closed, and its fill is the shape
+        # One pixel wide: about the shape's perimeter (4 x side for a square, less for the others).
+        side = np.flatnonzero(mask.any(axis=0)).size
+        assert side <= line.sum() <= 4 * side, (combo, line.sum(), side)
+
+
+def test_white_on_black():
+    mask = np.zeros((4, 5), dtype=bool)
+    mask[1, 2] = True
+    rgb, grey = white_on_black(mask), white_on_black(mask, "L")
+    assert rgb.mode == "RGB" and rgb.size == (5, 4) and grey.mode == "L"
+    assert rgb.getpixel((2, 1)) == (255, 255, 255) and rgb.getpixel((0, 0)) == (0, 0, 0)
+    assert np.array_equal(np.asarray(grey) > 127, mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,6 +346,101 @@ def test_loads_as_imagefolder(tmp_path):
     assert train[0]["image"].size == (32, 32)
 
 
+def test_conditioning_edges_load_as_an_imagefolder_column(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    generate_dataset(tmp_path / "data", num_images=5, resolution=16, num_heldout=2, conditioning="edges")
+    ds = datasets.load_dataset(
+        "imagefolder", data_dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache")
+    )
+    assert list(ds) == ["train"]  # heldout/ is not a split
+    train = ds["train"]
+    assert len(train) == 5  # the outlines are a column, not rows
+    assert {"image", "conditioning_image", "text"} <= set(train.column_names)
+    first = train[0]
+    assert first["conditioning_image"].size == first["image"].size == (16, 16)
+    expected = Image.open(tmp_path / "data" / "train" / "conditioning" / "000000.png")
+    assert np.array_equal(np.asarray(first["conditioning_image"]), np.asarray(expected))
+
+
+def test_conditioning_edges_outlines_follow_the_pixels_not_the_captions(tmp_path):
+    kwargs = {"num_images": 8, "resolution": 64, "seed": 3, "num_heldout": 3, "conditioning": "edges"}
+    summary = generate_dataset(tmp_path / "noisy", caption_noise=0.6, **kwargs)
+    rows = _read_jsonl(Path(summary["metadata_path"]))
+    assert summary["conditioning"] == "edges" and not all(row["caption_is_correct"] for row in rows)
+    for row in rows:
+        assert list(row)[:2] == ["file_name", "conditioning_image_file_name"]
+        assert row["conditioning_image_file_name"] == f"conditioning/{row['file_name']}"
+        image = Image.open(tmp_path / "noisy" / "train" / row["file_name"])
+        control = Image.open(tmp_path / "noisy" / "train" / row["conditioning_image_file_name"])
+        assert control.mode == "RGB" and control.size == image.size
+        pixels = np.asarray(control)
+        assert set(np.unique(pixels)) == {0, 255} and (pixels == pixels[..., :1]).all()  # white on black
+        # The outline encloses the shape the detector finds in the image, whatever the caption says.
+        assert mask_iou(image, _filled(pixels[..., 0] > 0)) >= 0.95, row
+    # Images and outlines do not depend on the captions; the default writes neither folder nor key.
+    generate_dataset(tmp_path / "clean", **kwargs)
+    plain = generate_dataset(tmp_path / "plain", **{**kwargs, "conditioning": "none"})
+    for row in rows:
+        for name in (row["file_name"], row["conditioning_image_file_name"]):
+            assert (tmp_path / "noisy" / "train" / name).read_bytes() == (
+                tmp_path / "clean" / "train" / name
+            ).read_bytes()
+        assert (tmp_path / "plain" / "train" / row["file_name"]).read_bytes() == (
+            tmp_path / "noisy" / "train" / row["file_name"]
+        ).read_bytes()
+    assert not (tmp_path / "plain" / "train" / "conditioning").exists()
+    assert not (tmp_path / "plain" / "heldout").exists()
+    assert "conditioning_image_file_name" not in _read_jsonl(Path(plain["metadata_path"]))[0]
+
+
+def test_conditioning_edges_heldout_outlines_and_masks(tmp_path):
+    generate_dataset(tmp_path, num_images=6, resolution=64, seed=4, num_heldout=5, conditioning="edges")
+    heldout = _read_jsonl(tmp_path / "heldout_prompts.jsonl")
+    for j, row in enumerate(heldout):
+        assert list(row) == ["prompt", "shape", "color", "position", "conditioning_image", "mask"]
+        assert row["conditioning_image"] == f"heldout/conditioning/{j:03d}.png"
+        assert row["mask"] == f"heldout/mask/{j:03d}.png"
+        mask_image = Image.open(tmp_path / row["mask"])
+        assert mask_image.mode == "L" and mask_image.size == (64, 64)
+        mask = np.asarray(mask_image) > 127
+        assert set(np.unique(np.asarray(mask_image))) == {0, 255}
+        # The outline is exactly the mask's edge, and the mask is the prompt's shape at the prompt's position.
+        assert np.array_equal(
+            np.asarray(Image.open(tmp_path / row["conditioning_image"]))[..., 0] > 0, outline(mask)
+        )
+        painted = np.where(mask[..., None], np.array(COLORS[row["color"]]), np.array(BACKGROUND)).astype(
+            np.uint8
+        )
+        assert detect(painted) == {key: row[key] for key in ("shape", "color", "position")}
+    # A fresh draw: not the geometry of a training image of the same index (those come from other generators).
+    train_masks = [
+        render_with_mask(
+            *(h[k] for k in ("shape", "color", "position")), 64, np.random.default_rng((4, 3, j))
+        )[1]
+        for j, h in enumerate(heldout)
+    ]
+    assert not any(
+        np.array_equal(np.asarray(Image.open(tmp_path / h["mask"])) > 127, m)
+        for h, m in zip(heldout, train_masks, strict=True)
+    )
+
+
+def test_cli_conditioning_edges_and_reuse(tmp_path, capsys):
+    args = ["--out_dir", str(tmp_path), "--num_images", "3", "--resolution", "16", "--num_heldout", "2"]
+    main([*args, "--conditioning", "edges"])
+    assert "Outlines" in capsys.readouterr().out
+    assert json.loads((tmp_path / "generator_config.json").read_text())["conditioning"] == "edges"
+    assert len(list((tmp_path / "train" / "conditioning").glob("*.png"))) == 3
+    main([*args, "--conditioning", "edges"])
+    assert "Reusing" in capsys.readouterr().out
+    main(args)  # back to no conditioning: the outlines go
+    assert "Wrote 3 images" in capsys.readouterr().out
+    assert not (tmp_path / "train" / "conditioning").exists() and not (tmp_path / "heldout").exists()
+    assert "conditioning" not in json.loads((tmp_path / "generator_config.json").read_text())
+    with pytest.raises(ValueError, match="conditioning must be one of"):
+        generate_dataset(tmp_path, num_images=3, conditioning="canny")
+
+
 def test_cli_reuses_matching_data(tmp_path, capsys):
     args = ["--out_dir", str(tmp_path), "--num_images", "6", "--resolution", "16", "--num_heldout", "4"]
     main(args)
@@ -373,6 +523,31 @@ def test_detector_blank_image_returns_none(value):
     assert detect(Image.fromarray(blank)) == none
     assert detect(blank.astype(np.float64) / 255) == none
     assert detect(np.zeros((2, 2, 3), dtype=np.uint8)) == none
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_mask_iou_of_the_generators_own_images(resolution):
+    rng = np.random.default_rng(31 + resolution)
+    for combo in all_combinations():
+        image, mask = render_with_mask(*combo, resolution, rng)
+        assert mask_iou(image, mask) >= 0.95, combo
+    # Masks as the generator saves them (white on black, mode L) read the same as boolean arrays.
+    assert mask_iou(image, white_on_black(mask, "L")) == mask_iou(image, mask)
+
+
+def test_mask_iou_of_a_shifted_or_missing_shape():
+    image, mask = render_with_mask("square", "blue", "left", 64, np.random.default_rng(0))
+    assert np.array_equal(object_mask(image), mask)  # a clean image segments to its own mask
+    shifted = np.roll(mask, 16, axis=1)  # a quarter of the image to the right
+    assert mask_iou(image, shifted) < 0.2
+    assert mask_iou(np.full((64, 64, 3), 255, dtype=np.uint8), mask) == 0.0  # nothing drawn
+    assert not object_mask(np.full((64, 64, 3), 255, dtype=np.uint8)).any()
+    with pytest.raises(ValueError, match="32x32 px but the image is 64x64"):
+        mask_iou(image, mask[:32, :32])
+    with pytest.raises(ValueError, match="empty"):
+        mask_iou(image, np.zeros_like(mask))
+    with pytest.raises(ValueError, match="2-D"):
+        mask_iou(image, np.stack([mask] * 3, axis=-1))
 
 
 def test_detector_ignores_a_small_stray_blob():

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from ldm import build_pipeline, write_clip_tokenizer
@@ -22,23 +23,34 @@ ACCELERATE = Path(sys.executable).parent / "accelerate"
 HUB_TOKEN = "hf_test_token_that_must_never_be_written"
 
 
-def make_world(root: Path, resolution: int = 16) -> Path:
-    """A tiny base pipeline and a synthetic imagefolder (40 images, 16 px) with one corrupt image."""
-    generate_dataset(root / "data", num_images=40, resolution=resolution, seed=0, num_heldout=4)
+def make_world(root: Path, resolution: int = 16, conditioning: str = "none") -> Path:
+    """A tiny base pipeline and a synthetic imagefolder (40 images, 16 px) with one corrupt image; with
+    `conditioning` also control images, one of them corrupt and one the wrong size."""
+    generate_dataset(
+        root / "data", num_images=40, resolution=resolution, seed=0, num_heldout=4, conditioning=conditioning
+    )
     (root / "data" / "train" / "000005.png").write_bytes(b"not a png at all")
+    if conditioning != "none":
+        (root / "data" / "train" / "conditioning" / "000007.png").write_bytes(b"not a png either")
+        Image.new("RGB", (resolution // 2, resolution // 2)).save(root / "data/train/conditioning/000009.png")
     tokenizer = write_clip_tokenizer(CAPTION_WORDS, root / "tokenizer")
     build_pipeline("tiny", tokenizer, seed=0).save_pretrained(root / "base")
     return root
 
 
 def launch_command(
-    world: Path, out: Path, *args: str, processes: int = 1, launcher: bool = False
+    world: Path,
+    out: Path,
+    *args: str,
+    processes: int = 1,
+    launcher: bool = False,
+    script_name: str = "train_ldm.py",
 ) -> list[str]:
-    """`train/train_ldm.py --config configs/tiny.yaml` on the world's base and data: through `accelerate launch` for
-    several processes or with `launcher`, else run by Python directly (as `python train/train_ldm.py` runs it; the
-    launcher would only add its own start-up to every one-process test)."""
+    """`train/<script_name> --config configs/tiny.yaml` on the world's base and data: through `accelerate launch`
+    for several processes or with `launcher`, else run by Python directly (as `python train/train_ldm.py` runs it;
+    the launcher would only add its own start-up to every one-process test)."""
     script = [
-        str(ROOT / "train" / "train_ldm.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+        str(ROOT / "train" / script_name), "--config", str(ROOT / "configs" / "tiny.yaml"),
         "--pretrained_model_name_or_path", str(world / "base"), "--train_data_dir", str(world / "data"),
         "--output_dir", str(out), "--cache_dir", str(world / "cache"), *args,
     ]  # fmt: skip
@@ -91,13 +103,14 @@ def launch(
     check: bool = True,
     env: dict | None = None,
     launcher: bool = False,
+    script_name: str = "train_ldm.py",
 ) -> subprocess.CompletedProcess:
     """Run a training launch to the end; with `check`, assert it succeeded.
 
     A multi-process launch that hangs is retried once, after its stacks are printed: gloo on CPU has hung a
     finished run now and then in CI (pytorch#56297), which no assertion here is about. A hang again fails the test.
     """
-    cmd = launch_command(world, out, *args, processes=processes, launcher=launcher)
+    cmd = launch_command(world, out, *args, processes=processes, launcher=launcher, script_name=script_name)
     attempts = 2 if processes > 1 else 1
     for attempt in range(attempts):
         before = set(out.iterdir()) if out.exists() else set()
@@ -115,7 +128,9 @@ def launch(
                 set(out.iterdir()) - before
             ):  # what the hung attempt added: the retry starts as it did
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
-            cmd = launch_command(world, out, *args, processes=processes, launcher=launcher)  # a fresh port
+            cmd = launch_command(  # a fresh port
+                world, out, *args, processes=processes, launcher=launcher, script_name=script_name
+            )
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result

@@ -15,11 +15,15 @@ How it reads an image:
 5. Position: from the centre of the component's bounding box relative to the image centre.
 6. Shape: from blur-tolerant moments of the shape's coverage: a vertical skew marks the apex-up triangle,
    and a higher kurtosis along the diagonals than along the axes marks a square rather than a circle.
+
+Steps 1-3 are also :func:`object_mask`, which :func:`mask_iou` compares with a wanted filled mask (the held-out
+masks of ``--conditioning edges`` data), to score how closely a ControlNet sample follows its outline.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -183,6 +187,34 @@ def _classify_position(component: np.ndarray) -> str:
     return "top" if dy < 0 else "bottom"
 
 
+class _Segmentation(NamedTuple):
+    """Steps 1-3 of the module docstring, and what the later steps reuse."""
+
+    component: np.ndarray  # (H, W) bool, the dominant shape's pixels
+    distance: np.ndarray  # (H, W) RGB distance from the background
+    background: np.ndarray  # (3,)
+    contrast: float  # the distance of the shape's solid interior
+    rough: np.ndarray  # (H, W) bool, every pixel clearly off the background
+
+
+def _segment(rgb: np.ndarray) -> _Segmentation | None:
+    """The dominant shape's 4-connected half-contrast component, or None when there is no shape big enough."""
+    h, w, _ = rgb.shape
+    if h < 3 or w < 3:
+        return None
+    background = _background_color(rgb)  # (3,)
+    distance = np.linalg.norm(rgb - background, axis=-1)  # (H, W)
+    rough = distance > _ROUGH_THRESHOLD
+    if not rough.any():
+        return None
+    # Half the contrast of the shape's solid interior: the 50 %-coverage contour of a soft edge.
+    contrast = float(np.percentile(distance[rough], 90))
+    component = _largest_component(distance > max(0.5 * contrast, _ROUGH_THRESHOLD))
+    if component.sum() < max(_MIN_AREA_PIXELS, _MIN_AREA_FRACTION * h * w):
+        return None
+    return _Segmentation(component, distance, background, contrast, rough)
+
+
 def detect(image: Image.Image | np.ndarray) -> dict[str, str | None]:
     """Read the shape, colour and position of the dominant solid shape in an image.
 
@@ -199,22 +231,11 @@ def detect(image: Image.Image | np.ndarray) -> dict[str, str | None]:
         ValueError: If the array has the wrong shape or dtype, or floats outside ``[0, 1]``.
     """
     rgb = _to_rgb_array(image)  # (H, W, 3) in 0-255
-    none: dict[str, str | None] = {"shape": None, "color": None, "position": None}
+    found = _segment(rgb)
+    if found is None:
+        return {"shape": None, "color": None, "position": None}
+    component, distance, background, contrast, rough = found
     h, w, _ = rgb.shape
-    if h < 3 or w < 3:
-        return none
-
-    background = _background_color(rgb)  # (3,)
-    distance = np.linalg.norm(rgb - background, axis=-1)  # (H, W)
-    rough = distance > _ROUGH_THRESHOLD
-    if not rough.any():
-        return none
-    # Half the contrast of the shape's solid interior: the 50 %-coverage contour of a soft edge.
-    contrast = np.percentile(distance[rough], 90)
-    component = _largest_component(distance > max(0.5 * contrast, _ROUGH_THRESHOLD))
-    area = int(component.sum())
-    if area < max(_MIN_AREA_PIXELS, _MIN_AREA_FRACTION * h * w):
-        return none
 
     # The interior only: edge pixels are blends with the background and would pull the colour towards it.
     interior = component & (distance >= 0.75 * contrast)
@@ -230,6 +251,63 @@ def detect(image: Image.Image | np.ndarray) -> dict[str, str | None]:
     region = _dilate(component, margin) & ~strays
     weights = np.where(region, np.maximum(distance - noise_floor, 0.0), 0.0)  # (H, W)
     return {"shape": _classify_shape(weights), "color": color, "position": _classify_position(component)}
+
+
+def object_mask(image: Image.Image | np.ndarray) -> np.ndarray:
+    """The pixels of the dominant solid shape, as :func:`detect` segments them.
+
+    Args:
+        image: As for :func:`detect`.
+
+    Returns:
+        An ``(H, W)`` boolean mask: the largest 4-connected component of pixels more than half the shape's contrast
+        away from the background (its half-coverage contour); all False when no shape is found.
+
+    Raises:
+        TypeError, ValueError: As for :func:`detect`.
+    """
+    rgb = _to_rgb_array(image)  # (H, W, 3) in 0-255
+    found = _segment(rgb)
+    return np.zeros(rgb.shape[:2], dtype=bool) if found is None else found.component
+
+
+def _to_mask_array(mask: Image.Image | np.ndarray) -> np.ndarray:
+    """An (H, W) bool array from a white-on-black mask image (any mode) or a 2-D bool / 0-255 array."""
+    if isinstance(mask, Image.Image):
+        return np.asarray(mask.convert("L")) > 127
+    if not isinstance(mask, np.ndarray) or mask.ndim != 2:
+        raise ValueError(
+            f"mask must be a PIL image or a 2-D numpy array (white / True = the shape), got "
+            f"{type(mask).__name__} of shape {getattr(mask, 'shape', None)}."
+        )
+    return mask > 127 if mask.dtype == np.uint8 else mask.astype(bool)
+
+
+def mask_iou(image: Image.Image | np.ndarray, mask: Image.Image | np.ndarray) -> float:
+    """Intersection over union of the shape :func:`object_mask` finds in ``image`` and a wanted filled mask.
+
+    Args:
+        image: As for :func:`detect`: a generated image.
+        mask: The wanted shape, white (or True) on black, the size of ``image``: a PIL image (any mode; pixels
+            above 127 in its grey version count), or an ``(H, W)`` bool array or uint8 array (above 127 counts).
+
+    Returns:
+        ``|found & wanted| / |found | wanted|`` in [0, 1]; 0 when no shape is found.
+
+    Raises:
+        ValueError: If the mask is empty, not 2-D, or not the image's size (resize neither: a resampled mask
+            would move the edge being scored), or as for :func:`detect`.
+    """
+    wanted = _to_mask_array(mask)
+    found = object_mask(image)
+    if wanted.shape != found.shape:
+        raise ValueError(
+            f"The mask is {wanted.shape[1]}x{wanted.shape[0]} px but the image is {found.shape[1]}x{found.shape[0]};"
+            " generate at the mask's size (the dataset's resolution)."
+        )
+    if not wanted.any():
+        raise ValueError("The mask is empty (no white pixel); IoU against no shape is undefined.")
+    return float((found & wanted).sum() / (found | wanted).sum())
 
 
 def detector_accuracy(

@@ -13,6 +13,14 @@ The dataset is written as a Hugging Face ``datasets`` "imagefolder"::
         heldout_prompts.jsonl                       # prompt, shape, color, position
         generator_config.json                       # the settings, to reuse data that is current
 
+With ``conditioning="edges"`` (``--conditioning edges``), for ControlNet training and evaluation, it also writes::
+
+        train/conditioning/000000.png ...           # the shape's outline; metadata gains conditioning_image_file_name
+        heldout/conditioning/000.png ...            # per held-out prompt: a fresh outline (heldout_prompts.jsonl's
+        heldout/mask/000.png ...                    #   conditioning_image) and its filled mask (its mask)
+
+``datasets``' imagefolder turns the ``conditioning_image_file_name`` key into an image column ``conditioning_image``.
+
 Command line::
 
     python -m ldm.shapes.synthetic --out_dir data/shapes --num_images 10000 --resolution 32 --seed 0
@@ -29,6 +37,7 @@ import itertools
 import json
 import shutil
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -84,6 +93,10 @@ _SUPERSAMPLE = 4  # draw at 4x and box-downsample: antialiased edges without a r
 
 # Bumped whenever rendering or sampling changes, so that data cached under an old version is regenerated.
 GENERATOR_VERSION = 1
+
+# What a ControlNet is conditioned on, written beside every image: nothing, or the drawn shape's outline.
+Conditioning = Literal["none", "edges"]
+CONDITIONINGS: tuple[str, ...] = ("none", "edges")
 
 
 def caption(shape: str, color: str, position: str) -> str:
@@ -159,6 +172,56 @@ def render(shape: str, color: str, position: str, resolution: int, rng: np.rando
         ValueError: If an attribute is unknown or ``resolution`` is not an int >= 16.
         TypeError: If ``rng`` is not a ``numpy.random.Generator``.
     """
+    return _render_supersampled(shape, color, position, resolution, rng).reduce(_SUPERSAMPLE)
+
+
+def render_with_mask(
+    shape: str, color: str, position: str, resolution: int, rng: np.random.Generator
+) -> tuple[Image.Image, np.ndarray]:
+    """:func:`render`'s image and the shape's filled mask, both from the one drawing.
+
+    The mask is read off the supersampled canvas the image is reduced from, not redrawn: a pixel is in the shape
+    when the fill covers more than half of its 4x4 subpixels, the half-coverage contour that
+    :func:`ldm.shapes.detector.object_mask` segments at. So the mask has exactly the image's geometry and
+    antialiasing decisions.
+
+    Args:
+        shape, color, position, resolution, rng: As for :func:`render`; the same generator state gives the same
+            image as :func:`render`.
+
+    Returns:
+        ``(image, mask)``: the RGB image, byte-identical to :func:`render`'s, and an ``(H, W)`` boolean mask.
+
+    Raises:
+        ValueError, TypeError: As for :func:`render`.
+    """
+    canvas = _render_supersampled(shape, color, position, resolution, rng)
+    # No palette colour equals the background, so "not background" is exactly the subpixels the fill landed on.
+    drawn = (np.asarray(canvas) != BACKGROUND).any(axis=-1)  # (4H, 4W)
+    coverage = drawn.reshape(resolution, _SUPERSAMPLE, resolution, _SUPERSAMPLE).mean(axis=(1, 3))  # (H, W)
+    return canvas.reduce(_SUPERSAMPLE), coverage > 0.5
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """The edge of a filled mask: its pixels with a 4-neighbour outside it, a closed line 1 px wide.
+
+    This is the inner boundary, so the outline lies on the shape and a fill of it gives the mask back; at 64 px it
+    is what an edge detector (Canny) finds on the shape's half-coverage contour.
+    """
+    padded = np.pad(mask, 1)  # beyond the image counts as outside the shape
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~interior
+
+
+def white_on_black(mask: np.ndarray, mode: Literal["RGB", "L"] = "RGB") -> Image.Image:
+    """A boolean mask as an image: white (255) where True, black elsewhere."""
+    return Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").convert(mode)
+
+
+def _render_supersampled(
+    shape: str, color: str, position: str, resolution: int, rng: np.random.Generator
+) -> Image.Image:
+    """render()'s drawing at _SUPERSAMPLE times the resolution, before the box downsampling."""
     _check_attributes(shape, color, position)
     _check_resolution(resolution)
     if not isinstance(rng, np.random.Generator):
@@ -184,8 +247,8 @@ def render(shape: str, color: str, position: str, resolution: int, rng: np.rando
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
     else:
         draw.polygon([((x0 + x1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)
-    # reduce() averages each 4x4 block: exact area coverage, deterministic across platforms.
-    return image.reduce(_SUPERSAMPLE)
+    # The caller's reduce() averages each 4x4 block: exact area coverage, deterministic across platforms.
+    return image
 
 
 def _check_resolution(resolution: int) -> None:
@@ -210,10 +273,12 @@ def _config(
     exclude_heldout_from_train: bool,
     caption_noise: float,
     colors: tuple[str, ...] | None = None,
+    conditioning: Conditioning = "none",
 ) -> dict:
     """The settings that determine a dataset's bytes, as stored in generator_config.json.
 
-    `colors` is recorded only when it restricts the palette, so datasets of every colour keep their old config.
+    `colors` is recorded only when it restricts the palette and `conditioning` only when it is not "none", so
+    datasets without them keep their old config.
     """
     config = {
         "generator_version": GENERATOR_VERSION,
@@ -226,6 +291,8 @@ def _config(
     }
     if colors is not None and tuple(colors) != tuple(COLORS):
         config["colors"] = list(colors)
+    if conditioning != "none":
+        config["conditioning"] = conditioning
     return config
 
 
@@ -274,6 +341,9 @@ def _check_dataset_args(config: dict) -> None:
         raise ValueError(
             f"caption_noise must be a fraction in [0, 1) (e.g. 0.3 for 30% wrong captions), got {caption_noise!r}."
         )
+    conditioning = config.get("conditioning", "none")
+    if conditioning not in CONDITIONINGS:
+        raise ValueError(f"conditioning must be one of {list(CONDITIONINGS)}, got {conditioning!r}.")
 
 
 def misnamed_combination(
@@ -316,13 +386,14 @@ def dataset_is_current(
     exclude_heldout_from_train: bool = False,
     caption_noise: float = 0.0,
     colors: tuple[str, ...] | None = None,
+    conditioning: Conditioning = "none",
 ) -> bool:
     """Whether ``out_dir`` already holds a complete dataset generated with exactly these settings.
 
     Args:
         out_dir: A directory that :func:`generate_dataset` may have written.
-        num_images, resolution, seed, num_heldout, exclude_heldout_from_train, caption_noise: As for
-            :func:`generate_dataset`.
+        num_images, resolution, seed, num_heldout, exclude_heldout_from_train, caption_noise, colors,
+            conditioning: As for :func:`generate_dataset`.
 
     Returns:
         True if ``generator_config.json`` (written last, so only by a run that finished) matches these
@@ -333,7 +404,14 @@ def dataset_is_current(
     if not config_path.is_file() or not (out_dir / "train" / "metadata.jsonl").is_file():
         return False
     wanted = _config(
-        num_images, resolution, seed, num_heldout, exclude_heldout_from_train, caption_noise, colors
+        num_images,
+        resolution,
+        seed,
+        num_heldout,
+        exclude_heldout_from_train,
+        caption_noise,
+        colors,
+        conditioning,
     )
     return json.loads(config_path.read_text(encoding="utf-8")) == wanted
 
@@ -347,6 +425,7 @@ def generate_dataset(
     exclude_heldout_from_train: bool = False,
     caption_noise: float = 0.0,
     colors: tuple[str, ...] | None = None,
+    conditioning: Conditioning = "none",
 ) -> dict:
     """Write the captioned shapes dataset as a Hugging Face ``datasets`` imagefolder.
 
@@ -372,33 +451,57 @@ def generate_dataset(
             The row's ``caption_is_correct`` says which captions are wrong.
         colors: Draw only shapes of these colours (all of ``COLORS`` when None); held-out prompts come from the
             same palette. Misnamed captions may still name any colour.
+        conditioning: ``"edges"`` also writes, for a ControlNet, the outline of every training image's shape
+            (:func:`outline` of :func:`render_with_mask`'s mask: the edge of exactly the pixels drawn, so a
+            misnamed caption never changes it), white on black, to ``train/conditioning/<file_name>``, named by the
+            row's ``conditioning_image_file_name``. Each held-out prompt gets a fresh draw of its combination (new
+            size and place, from a generator seeded with ``(seed, 5, j)``, a stream no training image uses): its
+            outline at ``heldout/conditioning/<j>.png`` and its filled mask (white on black, mode L) at
+            ``heldout/mask/<j>.png``, named by the row's ``conditioning_image`` and ``mask`` keys, relative to
+            ``out_dir``. One outline per prompt: an evaluation reuses it for every seed. The draw is never a
+            training file, but the jittered geometry has only a few hundred (32 px) to a few thousand (64 px)
+            outcomes per shape and position, so it may match, pixel for pixel, some training outline of the same
+            shape and position (drawn in another colour). ``"none"`` (default) writes none of these, and every
+            other file is the same either way.
 
     Returns:
         A summary: ``out_dir``, ``train_dir``, ``metadata_path``, ``heldout_path``, ``config_path``,
-        ``num_images``, ``resolution``, ``num_train_combinations``, ``num_heldout`` and ``num_noisy_captions``.
+        ``num_images``, ``resolution``, ``num_train_combinations``, ``num_heldout``, ``num_noisy_captions`` and
+        ``conditioning``.
 
     Raises:
-        ValueError: On an argument out of range, or if ``out_dir/train`` holds files that this function did
-            not write (delete them or choose another ``out_dir``).
+        ValueError: On an argument out of range, or if ``out_dir/train`` or ``out_dir/heldout`` holds files that
+            this function did not write (delete them or choose another ``out_dir``).
     """
     config = _config(
-        num_images, resolution, seed, num_heldout, exclude_heldout_from_train, caption_noise, colors
+        num_images,
+        resolution,
+        seed,
+        num_heldout,
+        exclude_heldout_from_train,
+        caption_noise,
+        colors,
+        conditioning,
     )
     _check_dataset_args(config)
     out_dir = Path(out_dir)
     train_dir = out_dir / "train"
+    heldout_dir = out_dir / "heldout"
     config_path = out_dir / "generator_config.json"
-    if train_dir.exists() and any(train_dir.iterdir()):
-        if not config_path.is_file():
-            raise ValueError(
-                f"{train_dir} already holds files and there is no {config_path.name} to show this generator "
-                "wrote them; delete the folder or choose another out_dir."
-            )
-        # Ours, but possibly with more images than this run writes: stale PNGs would join the imagefolder.
-        shutil.rmtree(train_dir)
+    for folder in (train_dir, heldout_dir):
+        if folder.exists() and any(folder.iterdir()):
+            if not config_path.is_file():
+                raise ValueError(
+                    f"{folder} already holds files and there is no {config_path.name} to show this generator "
+                    "wrote them; delete the folder or choose another out_dir."
+                )
+            # Ours, but possibly with more images than this run writes: stale PNGs would join the imagefolder.
+            shutil.rmtree(folder)
     # Removed before writing anything, so an interrupted run is never taken for a finished one.
     config_path.unlink(missing_ok=True)
     train_dir.mkdir(parents=True, exist_ok=True)
+    if conditioning == "edges":
+        (train_dir / "conditioning").mkdir()
 
     combos = palette_combinations(colors)
     # Separate streams for the held-out set, the training order and each image, so that changing
@@ -416,16 +519,22 @@ def generate_dataset(
     for i in tqdm(range(num_images), desc="Rendering shapes", disable=num_images < 1000):
         shape, color, position = sequence[i]
         file_name = f"{i:06d}.png"
-        render(shape, color, position, resolution, np.random.default_rng((seed, 3, i))).save(
-            train_dir / file_name
+        image, mask = render_with_mask(
+            shape, color, position, resolution, np.random.default_rng((seed, 3, i))
         )
+        image.save(train_dir / file_name)
+        files = {"file_name": file_name}
+        if conditioning == "edges":
+            # Drawn from the pixels of the true shape; caption noise below renames, it never redraws.
+            files["conditioning_image_file_name"] = f"conditioning/{file_name}"
+            white_on_black(outline(mask)).save(train_dir / files["conditioning_image_file_name"])
         noise_rng = np.random.default_rng((seed, 4, i))
         named = (shape, color, position)
         if noise_rng.random() < caption_noise:
             named = misnamed_combination(named, noise_rng, forbidden)
         rows.append(
             {
-                "file_name": file_name,
+                **files,
                 "text": caption(*named),
                 "shape": shape,
                 "color": color,
@@ -436,11 +545,14 @@ def generate_dataset(
     metadata_path = train_dir / "metadata.jsonl"
     _write_jsonl(metadata_path, rows)
 
+    heldout_rows = [{"prompt": caption(*c), "shape": c[0], "color": c[1], "position": c[2]} for c in heldout]
+    if conditioning == "edges":
+        for row, files in zip(
+            heldout_rows, _write_heldout_conditioning(out_dir, heldout, resolution, seed), strict=True
+        ):
+            row.update(files)
     heldout_path = out_dir / "heldout_prompts.jsonl"
-    _write_jsonl(
-        heldout_path,
-        [{"prompt": caption(*c), "shape": c[0], "color": c[1], "position": c[2]} for c in heldout],
-    )
+    _write_jsonl(heldout_path, heldout_rows)
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return {
         "out_dir": str(out_dir),
@@ -453,7 +565,28 @@ def generate_dataset(
         "num_train_combinations": len(train_combos),
         "num_heldout": num_heldout,
         "num_noisy_captions": sum(not row["caption_is_correct"] for row in rows),
+        "conditioning": conditioning,
     }
+
+
+def _write_heldout_conditioning(
+    out_dir: Path, heldout: list[tuple[str, str, str]], resolution: int, seed: int
+) -> list[dict[str, str]]:
+    """A fresh outline and filled mask per held-out combination; their paths relative to out_dir, in order."""
+    for folder in ("conditioning", "mask"):
+        (out_dir / "heldout" / folder).mkdir(parents=True)
+    paths = []
+    for j, combo in enumerate(heldout):
+        # Stream (seed, 5, j): a new size and place, from a generator no training image is drawn from.
+        _, mask = render_with_mask(*combo, resolution, np.random.default_rng((seed, 5, j)))
+        files = {
+            "conditioning_image": f"heldout/conditioning/{j:03d}.png",
+            "mask": f"heldout/mask/{j:03d}.png",
+        }
+        white_on_black(outline(mask)).save(out_dir / files["conditioning_image"])
+        white_on_black(mask, "L").save(out_dir / files["mask"])
+        paths.append(files)
+    return paths
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,6 +619,13 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help=f"draw only these colours (default all: {' '.join(COLORS)}), e.g. to hold a colour out of training",
     )
+    parser.add_argument(
+        "--conditioning",
+        choices=CONDITIONINGS,
+        default="none",
+        help="'edges': also write each shape's outline for a ControlNet (train/conditioning/), and a fresh outline "
+        "and filled mask per held-out prompt (heldout/); default none",
+    )
     args = parser.parse_args(argv)
     settings = {k: v for k, v in vars(args).items() if k != "out_dir"}
     settings["colors"] = None if args.colors is None else tuple(args.colors)
@@ -498,6 +638,7 @@ def main(argv: list[str] | None = None) -> None:
         f"({summary['num_train_combinations']} combinations) to {summary['train_dir']} "
         f"and {summary['num_heldout']} held-out prompts to {summary['heldout_path']}"
         + (f"; {summary['num_noisy_captions']} captions misname an attribute." if args.caption_noise else ".")
+        + (" Outlines in train/conditioning/ and heldout/." if args.conditioning == "edges" else "")
     )
 
 

@@ -90,8 +90,9 @@ class BucketedStream(StreamingTrainDataset):
 
     def __init__(self, stream: StreamingTrainDataset, spec: BucketSpec, small_images: str, batch_size: int):
         super().__init__(
-            stream.dataset, stream.transform, *stream.columns, stream.process_index, stream.num_processes
-        )
+            stream.dataset, stream.transform, *stream.columns, stream.process_index, stream.num_processes,
+            stream.conditioning_column,
+        )  # fmt: skip
         self.buckets = spec.buckets()
         self.small_images = small_images
         self.batch_size = batch_size
@@ -123,7 +124,16 @@ class BucketedStream(StreamingTrainDataset):
             if emitted <= own_skip:
                 continue  # trained on before the resume: never decoded
             samples = [
-                make_sample(r, i, self.epoch, self.transform, self.columns, self._warned, bucket)
+                make_sample(
+                    r,
+                    i,
+                    self.epoch,
+                    self.transform,
+                    self.columns,
+                    self._warned,
+                    bucket,
+                    self.conditioning_column,
+                )
                 for i, r in mine
             ]
             batch = collate_fn(samples)

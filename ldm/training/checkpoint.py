@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +26,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ldm.hub import model_card_text, push_folder
-from ldm.pipeline import LatentPipeline
+from ldm.pipelines.text_to_image import LatentPipeline
 from ldm.single_file import write_single_file
 from ldm.training.config import TrainConfig, save_config
-from ldm.training.distributed import full_unet
+from ldm.training.distributed import full_model
 from ldm.training.integrity import verify_manifest, write_manifest
 from ldm.training.lora import lora_model_card, save_lora, trainable_parameters
 
@@ -38,7 +39,7 @@ EXPORT_FOLDER = {False: "pipeline", True: "lora"}
 # For what may run outside an accelerate run too (resolving `latest` in a script or a test).
 warnings_logger = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.json"
-EMA_FILE = "ema_unet.safetensors"
+EMA_FILE = "ema_unet.safetensors"  # the EMA of what trains (a UNet, its adapter, a ControlNet)
 RUN_FILE = "run.json"  # the run fingerprint (ldm.training.guards)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -114,20 +115,20 @@ def resolve_resume_path(resume_from_checkpoint: str | None, output_dir: str | Pa
 # ----------------------------------------------------------------------------- EMA weights, without pickle
 
 
-def save_ema(ema_unet, path: Path) -> None:
+def save_ema(ema, path: Path) -> None:
     """The EMA shadow weights as safetensors, its counters in the file's metadata (accelerate would pickle it)."""
-    state = ema_unet.state_dict()
+    state = ema.state_dict()
     shadow = state.pop("shadow_params")
     tensors = {f"shadow.{i:05d}": t.detach().contiguous().cpu() for i, t in enumerate(shadow)}
     save_file(tensors, path, metadata={"ema_state": json.dumps(state)})
 
 
-def load_ema(ema_unet, path: Path, device: torch.device) -> None:
-    """Restore what `save_ema` wrote into `ema_unet`."""
+def load_ema(ema, path: Path, device: torch.device) -> None:
+    """Restore what `save_ema` wrote into `ema`."""
     with safe_open(path, framework="pt") as f:
         state = json.loads(f.metadata()["ema_state"])
         state["shadow_params"] = [f.get_tensor(name).to(device) for name in sorted(f.keys())]
-    ema_unet.load_state_dict(state)
+    ema.load_state_dict(state)
 
 
 def partial_path(output_dir: str | Path, step: int) -> Path:
@@ -215,7 +216,7 @@ class TrainingPosition:
         return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls)})
 
 
-def resume(accelerator: Accelerator, path: Path | None, ema_unet=None) -> TrainingPosition:
+def resume(accelerator: Accelerator, path: Path | None, ema=None) -> TrainingPosition:
     """Load checkpoint `path` (optimizer, LR schedule, RNG, EMA) and return its position; a new run without one.
 
     accelerate loads its files with `weights_only=True`, and the EMA weights are safetensors: nothing a
@@ -224,14 +225,21 @@ def resume(accelerator: Accelerator, path: Path | None, ema_unet=None) -> Traini
     if path is None:
         return TrainingPosition()
     accelerator.load_state(str(path))
-    if ema_unet is not None:
-        load_ema(ema_unet, path / EMA_FILE, accelerator.device)
+    if ema is not None:
+        load_ema(ema, path / EMA_FILE, accelerator.device)
     position = TrainingPosition.load(path)
     logger.info(f"Resumed from {path}: {dataclasses.asdict(position)}")
     return position
 
 
 # ----------------------------------------------------------------------------- pipelines from trained weights
+
+
+def ema_weights(ema, trained: torch.nn.Module) -> torch.nn.Module:
+    """A new module of the trained one's class and config holding the EMA weights (the trained one is untouched)."""
+    module = type(trained).from_config(trained.config).to(trained.device)
+    ema.copy_to(module.parameters())
+    return module
 
 
 @dataclass
@@ -245,18 +253,17 @@ class PipelineExport:
     text_encoder: torch.nn.Module
     tokenizer: object
     noise_scheduler: object
-    ema_unet: object | None = None
+    ema: object | None = None
     lora: bool = False
 
     def pipeline(self, trained_unet: UNet2DConditionModel) -> LatentPipeline:
         """A LatentPipeline on the trained weights (EMA weights when EMA is on), with DDIM sampling."""
         unet = trained_unet
-        if self.ema_unet is not None and self.lora:
+        if self.ema is not None and self.lora:
             unet = copy.deepcopy(trained_unet)
-            self.ema_unet.copy_to(trainable_parameters(unet))
-        elif self.ema_unet is not None:
-            unet = UNet2DConditionModel.from_config(trained_unet.config).to(trained_unet.device)
-            self.ema_unet.copy_to(unet.parameters())
+            self.ema.copy_to(trainable_parameters(unet))
+        elif self.ema is not None:
+            unet = ema_weights(self.ema, trained_unet)
         pipe = LatentPipeline(
             vae=self.vae,
             text_encoder=self.text_encoder,
@@ -266,6 +273,19 @@ class PipelineExport:
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def save(self, trained_unet: UNet2DConditionModel, config: TrainConfig, folder: Path) -> str:
+        """Write what a checkpoint holds to sample from into `folder`; returns the subfolder the Hub gets.
+
+        A whole pipeline (EMA weights when EMA is on) and the raw UNet; in a LoRA run only the adapter, since the
+        base UNet never changes.
+        """
+        if self.lora:
+            save_lora(self.pipeline(trained_unet).unet, config, folder / EXPORT_FOLDER[True])
+        else:
+            save_pipeline(self.pipeline(trained_unet), folder / EXPORT_FOLDER[False])
+            trained_unet.save_pretrained(folder / "unet")
+        return EXPORT_FOLDER[self.lora]
 
 
 def save_pipeline(pipe: LatentPipeline, path: Path) -> None:
@@ -310,13 +330,13 @@ def save_checkpoint(
     accelerator: Accelerator,
     config: TrainConfig,
     position: TrainingPosition,
-    unet,
-    export: PipelineExport,
+    model,
+    export,
     uploader: CheckpointUploader | None,
     fingerprint: dict,
 ) -> None:
-    """accelerate state + the pipeline + the config + the run's fingerprint in `checkpoint-N`, written atomically
-    (its manifest last), then pruned."""
+    """accelerate state + what `export.save` writes (a pipeline, an adapter, a ControlNet) + the config + the run's
+    fingerprint in `checkpoint-N`, written atomically (its manifest last), then pruned."""
     save_all = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
     partial = partial_path(config.output_dir, position.global_step) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
@@ -324,23 +344,19 @@ def save_checkpoint(
     if save_all or accelerator.is_main_process:
         accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()  # every rank's part of the state is on disk before the folder is renamed
-    trained = full_unet(accelerator, unet)
+    trained = full_model(accelerator, model)
     if accelerator.is_main_process:
-        if export.lora:  # the base UNet never changes: only the adapter (EMA weights when EMA is on)
-            save_lora(export.pipeline(trained).unet, config, partial / EXPORT_FOLDER[True])
-        else:
-            save_pipeline(export.pipeline(trained), partial / EXPORT_FOLDER[False])
-            trained.save_pretrained(partial / "unet")
+        upload_folder = export.save(trained, config, partial)
         save_config(config, partial / "config.yaml")
         position.save(partial)
         (partial / RUN_FILE).write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
-        if export.ema_unet is not None:
-            save_ema(export.ema_unet, partial / EMA_FILE)
+        if export.ema is not None:
+            save_ema(export.ema, partial / EMA_FILE)
         write_manifest(partial)  # last: a folder with a manifest that verifies is complete
         final = finalize(partial)
         logger.info(f"Saved {final}")
         if uploader is not None:
-            uploader.submit(final / EXPORT_FOLDER[export.lora], final.name)
+            uploader.submit(final / upload_folder, final.name)
             for old in stale_checkpoints(config.output_dir, config.checkpoints_total_limit):
                 uploader.wait(old.name)  # do not delete files an upload is still reading
         prune(config.output_dir, config.checkpoints_total_limit)
@@ -354,32 +370,49 @@ def save_final(
     grid_path: Path | None,
     trainer_state: dict[str, float],
 ) -> None:
-    """The final pipeline folder with config, model card and `trainer_state.json` (steps done, throughput);
-    pushed to the Hub when asked."""
+    """The final pipeline folder (or a LoRA run's adapter) with config, model card and `trainer_state.json` (steps
+    done, throughput); pushed to the Hub when asked."""
     out = Path(config.output_dir)
     if config.lora_rank is None:
         save_pipeline(pipe, out)
     else:
         save_lora(pipe.unet, config, out)
+    repo_id = config.hub_model_id or out.name
+
+    def card(grid_name: str | None) -> str:
+        if config.lora_rank is None:
+            return _model_card(config, accelerator.num_processes, grid_name)
+        return lora_model_card(config, repo_id, grid_name)
+
+    write_run_files(config, grid_path, trainer_state, card)
+    # Once the folder is complete: a structure refused only now (a Hub base, not checkable at start-up) costs
+    # nothing already saved. Pushed with the folder when it is written.
+    if config.export_single_file:
+        path = write_single_file(pipe, out / f"{out.resolve().name}.safetensors")
+        logger.info(f"Wrote the single-file checkpoint {path}")
+    push_output_folder(config)
+
+
+def write_run_files(
+    config: TrainConfig, grid_path: Path | None, trainer_state: dict, model_card: Callable[[str | None], str]
+) -> None:
+    """Beside the trained weights in the output folder: config.yaml, trainer_state.json, the last sample grid
+    (samples.png) and the model card (`model_card(grid file name or None)`)."""
+    out = Path(config.output_dir)
     save_config(config, out / "config.yaml")
     (out / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
     grid_name = None
     if grid_path is not None:
         grid_name = "samples.png"
         shutil.copy(grid_path, out / grid_name)
-    repo_id = config.hub_model_id or out.name
-    card = _model_card(config, accelerator.num_processes, grid_name)
-    (out / "README.md").write_text(
-        card if config.lora_rank is None else lora_model_card(config, repo_id, grid_name)
-    )
-    # Once the folder is complete: a structure refused only now (a Hub base, not checkable at start-up) costs
-    # nothing already saved. Pushed with the folder when it is written.
-    if config.export_single_file:
-        path = write_single_file(pipe, out / f"{out.resolve().name}.safetensors")
-        logger.info(f"Wrote the single-file checkpoint {path}")
+    (out / "README.md").write_text(model_card(grid_name))
+
+
+def push_output_folder(config: TrainConfig) -> None:
+    """Upload the finished output folder to `hub_model_id` when --push_to_hub asks (never checkpoints or logs)."""
     if config.push_to_hub:
         push_folder(
-            out,
+            config.output_dir,
             config.hub_model_id,
             commit_message="End of training",
             ignore_patterns=["checkpoint-*", "logs/*", "validation/*", "*.partial/*", ".ldm-run.lock"],

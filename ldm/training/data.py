@@ -50,17 +50,23 @@ def make_sample(
     columns: tuple[str, str],
     warned: set,
     bucket: tuple[int, int] | None = None,
+    conditioning_column: str | None = None,
 ) -> Sample | None:
-    """Decode and transform one row; ``None`` (with one warning per index) if its image or caption is unusable.
+    """Decode and transform one row; ``None`` (with one warning per index) if its image, caption or conditioning
+    image is unusable.
 
     Map-style datasets drop rows with bad captions at start-up (`build_train_and_heldout`); a stream meets them
-    only as it reads, so here they are skipped and counted like unreadable images.
+    only as it reads, so here they are skipped and counted like unreadable images. A conditioning image (a
+    ControlNet's control) must be readable and the size of its target image.
     """
     image_column, caption_column = columns
     record = row[image_column]
     try:
         caption_list(row[caption_column], index)
         image = open_image(record)
+        control = (
+            None if conditioning_column is None else open_conditioning(row[conditioning_column], image.size)
+        )
     except DECODE_ERRORS as error:
         if index not in warned:
             warned.add(index)
@@ -68,7 +74,27 @@ def make_sample(
             logger.warning("Skipping sample %d (%s): %s", index, where, error)
         return None
     pixel_values, caption = transform(image, row[caption_column], epoch, index, bucket)
-    return {"pixel_values": pixel_values, "caption": caption, "index": index}
+    sample = {"pixel_values": pixel_values, "caption": caption, "index": index}
+    if control is not None:
+        sample["conditioning_pixel_values"] = transform.conditioning_pixels(control, epoch, index, bucket)
+    return sample
+
+
+def open_conditioning(record, target_size: tuple[int, int]) -> Image.Image:
+    """A row's conditioning image, decoded; raises ValueError (a skipped sample) when it is missing or its size
+    differs from its target image's, which would misalign the control with what it controls."""
+    if record is None:
+        raise ValueError("the row has no conditioning image")
+    try:
+        control = open_image(record)
+    except DECODE_ERRORS as error:
+        raise ValueError(f"its conditioning image cannot be read ({error})") from None
+    if control.size != target_size:
+        raise ValueError(
+            f"its conditioning image is {control.size[0]}x{control.size[1]} but its image is "
+            f"{target_size[0]}x{target_size[1]}; a control must be the size of its target"
+        )
+    return control
 
 
 class TrainDataset(torch.utils.data.Dataset):
@@ -83,6 +109,8 @@ class TrainDataset(torch.utils.data.Dataset):
         transform: the per-sample transform.
         image_column: name of the image column.
         caption_column: name of the caption column.
+        conditioning_column: name of the conditioning image column (a ControlNet's control), or None; its samples
+            then also hold ``"conditioning_pixel_values"`` (3, H, W) in [0, 1].
     """
 
     def __init__(
@@ -91,10 +119,12 @@ class TrainDataset(torch.utils.data.Dataset):
         transform: ImageCaptionTransform,
         image_column: str,
         caption_column: str,
+        conditioning_column: str | None = None,
     ):
         self.dataset = dataset
         self.transform = transform
         self.columns = (image_column, caption_column)
+        self.conditioning_column = conditioning_column
         self.epoch = 0
         self._warned: set[int] = set()
         # Per index, its aspect-ratio bucket (width, height) once `set_buckets` is called; None: square crops.
@@ -121,8 +151,9 @@ class TrainDataset(torch.utils.data.Dataset):
         """Sample ``index``, or ``None`` if its image cannot be decoded."""
         row = self.dataset[index]
         return make_sample(
-            row, index, self.epoch, self.transform, self.columns, self._warned, self.bucket(index)
-        )
+            row, index, self.epoch, self.transform, self.columns, self._warned, self.bucket(index),
+            self.conditioning_column,
+        )  # fmt: skip
 
     def image_sizes(self) -> list[tuple[int, int] | None]:
         """Every row's upright (width, height) from the image headers; None where the header cannot be read."""
@@ -137,20 +168,24 @@ class TrainDataset(torch.utils.data.Dataset):
 
     @functools.cached_property
     def content_hash(self) -> str:
-        """A hash of every row's image bytes and captions: what the data is, whatever its files' names or mtimes."""
+        """A hash of every row's image bytes and captions: what the data is, whatever its files' names or mtimes.
+
+        It keys the latent cache, so the conditioning images are not in it (`conditioning_hash` is)."""
         digest = hashlib.blake2b(digest_size=16)
         image_column, caption_column = self.columns
         for row in self.dataset:
-            record = row[image_column]
-            data = record.get("bytes") if isinstance(record, dict) else None
-            if data is None:
-                path = record.get("path") if isinstance(record, dict) else record
-                try:
-                    data = Path(path).read_bytes()
-                except (OSError, TypeError):
-                    data = b"<unreadable>"
-            digest.update(len(data).to_bytes(8, "little") + data)
+            _hash_record(digest, row[image_column])
             digest.update(json.dumps(row[caption_column]).encode())
+        return digest.hexdigest()
+
+    @functools.cached_property
+    def conditioning_hash(self) -> str | None:
+        """A hash of every row's conditioning image bytes (None without a conditioning column)."""
+        if self.conditioning_column is None:
+            return None
+        digest = hashlib.blake2b(digest_size=16)
+        for record in self.dataset[self.conditioning_column]:
+            _hash_record(digest, record)
         return digest.hexdigest()
 
     def captions(self) -> list[list[str]]:
@@ -164,6 +199,31 @@ class TrainDataset(torch.utils.data.Dataset):
     def center_pixels(self, index: int) -> torch.Tensor:
         """Row ``index``'s centre crop (of its bucket, or the square), unflipped: what the latent cache encodes."""
         return self.transform.center_crop_pixels(self.open(index), self.bucket(index))
+
+    def conditioning(self, index: int) -> torch.Tensor | None:
+        """Row ``index``'s conditioning pixels in this epoch (its own crop and flip), without decoding its image;
+        None (with one warning) when unusable."""
+        row = self.dataset[index]
+        try:
+            control = open_conditioning(row[self.conditioning_column], upright_size(row[self.columns[0]]))
+        except DECODE_ERRORS as error:
+            if index not in self._warned:
+                self._warned.add(index)
+                logger.warning("Skipping sample %d: %s", index, error)
+            return None
+        return self.transform.conditioning_pixels(control, self.epoch, index, self.bucket(index))
+
+
+def _hash_record(digest, record) -> None:
+    """Feed an image record's bytes (read from its path when it holds none) into `digest`."""
+    data = record.get("bytes") if isinstance(record, dict) else None
+    if data is None:
+        path = record.get("path") if isinstance(record, dict) else record
+        try:
+            data = Path(path).read_bytes()
+        except (OSError, TypeError):
+            data = b"<unreadable>"
+    digest.update(len(data).to_bytes(8, "little") + data)
 
 
 class StreamingTrainDataset(torch.utils.data.IterableDataset):
@@ -182,6 +242,7 @@ class StreamingTrainDataset(torch.utils.data.IterableDataset):
         caption_column: name of the caption column.
         process_index: this process's rank.
         num_processes: the world size.
+        conditioning_column: name of the conditioning image column, or None (see :class:`TrainDataset`).
     """
 
     def __init__(
@@ -192,10 +253,12 @@ class StreamingTrainDataset(torch.utils.data.IterableDataset):
         caption_column: str,
         process_index: int = 0,
         num_processes: int = 1,
+        conditioning_column: str | None = None,
     ):
         self.dataset = dataset
         self.transform = transform
         self.columns = (image_column, caption_column)
+        self.conditioning_column = conditioning_column
         self.process_index = process_index
         self.num_processes = num_processes
         self.epoch = 0
@@ -224,7 +287,16 @@ class StreamingTrainDataset(torch.utils.data.IterableDataset):
             if count < own_batches * self.batch_size:
                 continue
             index = (count * num_workers + worker_id) * self.num_processes + self.process_index
-            yield make_sample(row, index, self.epoch, self.transform, self.columns, self._warned)
+            yield make_sample(
+                row,
+                index,
+                self.epoch,
+                self.transform,
+                self.columns,
+                self._warned,
+                None,
+                self.conditioning_column,
+            )
 
 
 def collate_fn(batch: list[Sample | None]) -> dict[str, Any]:
@@ -236,19 +308,24 @@ def collate_fn(batch: list[Sample | None]) -> dict[str, Any]:
 
     Returns:
         ``{"pixel_values": (B, 3, H, W), "captions": list[str], "indices": LongTensor (B,),
-        "num_skipped": int}``. If every sample was bad, B = 0 and pixel_values has shape (0, 3, 0, 0).
+        "num_skipped": int}``, plus ``"conditioning_pixel_values"`` (B, 3, H, W) when the samples have them. If
+        every sample was bad, B = 0 and pixel_values has shape (0, 3, 0, 0).
     """
     kept = [sample for sample in batch if sample is not None]
-    if kept:
-        pixel_values = torch.stack([sample["pixel_values"] for sample in kept])  # (B, 3, H, W)
-    else:
-        pixel_values = torch.empty(0, 3, 0, 0)
-    return {
-        "pixel_values": pixel_values,
+    collated = {
+        "pixel_values": stack_pixels(kept, "pixel_values"),  # (B, 3, H, W)
         "captions": [sample["caption"] for sample in kept],
         "indices": torch.tensor([sample["index"] for sample in kept], dtype=torch.long),
         "num_skipped": len(batch) - len(kept),
     }
+    if kept and "conditioning_pixel_values" in kept[0]:
+        collated["conditioning_pixel_values"] = stack_pixels(kept, "conditioning_pixel_values")
+    return collated
+
+
+def stack_pixels(samples: list[Sample], key: str) -> torch.Tensor:
+    """The samples' `key` tensors stacked (B, 3, H, W); (0, 3, 0, 0) for no sample."""
+    return torch.stack([sample[key] for sample in samples]) if samples else torch.empty(0, 3, 0, 0)
 
 
 def build_train_dataset(
@@ -259,7 +336,12 @@ def build_train_dataset(
 
 
 def build_train_and_heldout(
-    config: TrainConfig, seed: int, num_heldout: int, process_index: int = 0, num_processes: int = 1
+    config: TrainConfig,
+    seed: int,
+    num_heldout: int,
+    process_index: int = 0,
+    num_processes: int = 1,
+    conditioning_column: str | None = None,
 ) -> tuple[TrainDataset | StreamingTrainDataset, TrainDataset | None]:
     """Load the configured data, hold out `num_heldout` samples, and wrap both parts.
 
@@ -272,24 +354,29 @@ def build_train_and_heldout(
         num_heldout: how many samples to hold out (0 for none).
         process_index: this process's rank; only used when streaming.
         num_processes: the world size; only used when streaming.
+        conditioning_column: the conditioning image column (a ControlNet's control), or None.
 
     Returns:
         (train, heldout): a `TrainDataset` (map-style: let accelerate shard its dataloader) or, when
         ``config.streaming``, a `StreamingTrainDataset` already holding this process's shard; and a
         `TrainDataset` of the held-out samples, or None.
     """
-    dataset = load_image_caption_dataset(config)
+    dataset = load_image_caption_dataset(config, conditioning_column)
     transform = ImageCaptionTransform.from_config(config, seed)
     columns = (config.image_column, config.caption_column)
     heldout = None
     if isinstance(dataset, datasets.IterableDataset):
         if num_heldout:
-            rows = datasets.Dataset.from_list(list(dataset.take(num_heldout)))
-            heldout = rows.cast_column(config.image_column, datasets.Image(decode=False))
+            heldout = datasets.Dataset.from_list(list(dataset.take(num_heldout)))
+            for column in (config.image_column, conditioning_column):
+                if column is not None:
+                    heldout = heldout.cast_column(column, datasets.Image(decode=False))
             dataset = dataset.skip(num_heldout)
         # Bucketed streams are read whole by every process, which then agree on each batch's shape (BucketedStream).
         shard = dataset if config.aspect_buckets else shard_for_process(dataset, process_index, num_processes)
-        train = StreamingTrainDataset(shard, transform, *columns, process_index, num_processes)
+        train = StreamingTrainDataset(
+            shard, transform, *columns, process_index, num_processes, conditioning_column
+        )
     else:
         dataset = _drop_bad_captions(dataset, config.caption_column)
         n = len(dataset)
@@ -301,10 +388,10 @@ def build_train_and_heldout(
         if num_heldout:
             heldout = dataset.select(range(n - num_heldout, n))
             dataset = dataset.select(range(n - num_heldout))
-        train = TrainDataset(dataset, transform, *columns)
+        train = TrainDataset(dataset, transform, *columns, conditioning_column)
     if heldout is not None:
         fixed = ImageCaptionTransform(config.resolution, center_crop=True, random_flip=False, seed=seed)
-        heldout = TrainDataset(heldout, fixed, *columns)
+        heldout = TrainDataset(heldout, fixed, *columns, conditioning_column)
     return train, heldout
 
 

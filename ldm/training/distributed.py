@@ -10,7 +10,6 @@ import torch
 import transformers
 from accelerate import Accelerator, DistributedType
 from accelerate.logging import get_logger
-from diffusers import UNet2DConditionModel
 
 logger = get_logger(__name__)
 
@@ -49,8 +48,9 @@ def weight_dtype_for(accelerator: Accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def full_unet(accelerator: Accelerator, unet) -> UNet2DConditionModel | None:
-    """The trained UNet as one plain module on the main process (a collective call: run it on every process).
+def full_model(accelerator: Accelerator, unet) -> torch.nn.Module | None:
+    """The trained model (a UNet, a ControlNet) as one plain module on the main process (a collective call: run it
+    on every process).
 
     Under FSDP the parameters are sharded, so they are gathered first; elsewhere this is just the unwrapped model.
     """
@@ -58,25 +58,25 @@ def full_unet(accelerator: Accelerator, unet) -> UNet2DConditionModel | None:
         state = accelerator.get_state_dict(unet)
         if not accelerator.is_main_process:
             return None
-        module = UNet2DConditionModel.from_config(
-            accelerator.unwrap_model(unet, keep_torch_compile=False).config
-        )
+        unwrapped = accelerator.unwrap_model(unet, keep_torch_compile=False)
+        module = type(unwrapped).from_config(unwrapped.config)
         module.load_state_dict(state)
         return module.to(accelerator.device)
     return accelerator.unwrap_model(unet, keep_torch_compile=False)
 
 
-def check_replicas_in_sync(accelerator: Accelerator, unet) -> None:
-    """Every process must end with the same UNet weights; a mismatch means data-parallel training went wrong."""
+def check_replicas_in_sync(accelerator: Accelerator, model) -> None:
+    """Every process must end with the same trained weights; a mismatch means data-parallel training went wrong."""
     if accelerator.distributed_type == DistributedType.FSDP:
         return  # each process holds a different shard by design
-    params = accelerator.unwrap_model(unet, keep_torch_compile=False).parameters()
-    checksum = torch.stack([p.detach().double().sum() for p in params]).sum().view(1).to(accelerator.device)
-    sums = accelerator.gather(checksum).tolist()
+    module = accelerator.unwrap_model(model, keep_torch_compile=False)
+    name = type(module).__name__.removesuffix("2DConditionModel")  # "UNet", "ControlNetModel"
+    checksum = torch.stack([p.detach().double().sum() for p in module.parameters()]).sum().view(1)
+    sums = accelerator.gather(checksum.to(accelerator.device)).tolist()
     if len(set(sums)) != 1:
-        raise RuntimeError(f"UNet weights differ across processes (parameter sums {sums}).")
+        raise RuntimeError(f"{name} weights differ across processes (parameter sums {sums}).")
     logger.info(
-        f"UNet weights identical on all {accelerator.num_processes} processes (checksum {sums[0]:.10e})."
+        f"{name} weights identical on all {accelerator.num_processes} processes (checksum {sums[0]:.10e})."
     )
 
 

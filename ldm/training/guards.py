@@ -34,6 +34,7 @@ MAY_CHANGE_ON_RESUME = (
     "overwrite_output_dir",
     "output_dir",
     "validation_prompts",
+    "validation_image",
     "validation_steps",
     "validation_guidance_scale",
     "validation_inference_steps",

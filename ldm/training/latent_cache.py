@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ldm.encoding import encode_moments, encode_text
 from ldm.training.buckets import cover_size
-from ldm.training.data import TrainDataset
+from ldm.training.data import TrainDataset, stack_pixels
 from ldm.training.integrity import verify_manifest, write_manifest
 from ldm.training.transforms import DECODE_ERRORS
 
@@ -93,6 +93,40 @@ class CachedIndexDataset(torch.utils.data.Dataset):
     def collate_fn(batch: list[int | None]) -> dict[str, Any]:
         kept = [i for i in batch if i is not None]
         return {"indices": torch.tensor(kept, dtype=torch.long), "num_skipped": len(batch) - len(kept)}
+
+
+class ConditionedIndexDataset(torch.utils.data.Dataset):
+    """Sample indices for training from the cache, each with its conditioning image (a ControlNet's control).
+
+    The control is not VAE-encoded, so the cache does not hold it: it is decoded here (in the dataloader's workers)
+    with the sample's own crop and flip, as the live path makes them. A sample whose image or control is unusable
+    comes back as None and is counted.
+    """
+
+    def __init__(self, valid: torch.Tensor, dataset: TrainDataset):
+        self.valid, self.dataset = valid, dataset
+
+    def __len__(self) -> int:
+        return len(self.valid)
+
+    def __getitem__(self, index: int) -> dict | None:
+        if not bool(self.valid[index]):
+            return None
+        control = self.dataset.conditioning(index)  # (3, H, W) in [0, 1]
+        return None if control is None else {"index": index, "conditioning_pixel_values": control}
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose crop and flip draws apply."""
+        self.dataset.set_epoch(epoch)
+
+    @staticmethod
+    def collate_fn(batch: list[dict | None]) -> dict[str, Any]:
+        kept = [sample for sample in batch if sample is not None]
+        return {
+            "indices": torch.tensor([sample["index"] for sample in kept], dtype=torch.long),
+            "conditioning_pixel_values": stack_pixels(kept, "conditioning_pixel_values"),  # (B, 3, H, W)
+            "num_skipped": len(batch) - len(kept),
+        }
 
 
 def _hash_module(module: torch.nn.Module, digest) -> None:

@@ -78,13 +78,30 @@ def denoising_loss(
     timesteps: torch.Tensor,
     scheduler: DDPMScheduler,
     snr_gamma: float | None = None,
+    controlnet=None,
+    control: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps -> UNet(x_t, t, text) -> `diffusion_loss`."""
+    """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps -> UNet(x_t, t, text) -> `diffusion_loss`.
+
+    With a `controlnet`, it sees (x_t, t, text, `control` (B, 3, H, W) in [0, 1]) and its residuals are added to the
+    UNet's skip connections and middle block (Zhang et al. 2023, eq. 5), the UNet itself frozen.
+    """
     noisy = scheduler.add_noise(latents, noise, timesteps)  # (B, C, h, w)
-    # DeepSpeed holds the UNet in half precision without autocast, so inputs must match its weights; under
-    # accelerate's autocast the weights are fp32 and autocast picks the compute dtype.
-    dtype = next(unet.parameters()).dtype
-    pred = unet(noisy.to(dtype), timesteps, encoder_hidden_states=text_embeds.to(dtype), return_dict=False)[0]
+    # DeepSpeed holds the trained model in half precision without autocast, so inputs must match its weights;
+    # under accelerate's autocast the weights are fp32 and autocast picks the compute dtype.
+    dtype = next((unet if controlnet is None else controlnet).parameters()).dtype
+    noisy, text_embeds = noisy.to(dtype), text_embeds.to(dtype)
+    residuals = {}
+    if controlnet is not None:
+        down, mid = controlnet(
+            noisy,
+            timesteps,
+            encoder_hidden_states=text_embeds,
+            controlnet_cond=control.to(noisy.device, dtype),
+            return_dict=False,
+        )
+        residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+    pred = unet(noisy, timesteps, encoder_hidden_states=text_embeds, return_dict=False, **residuals)[0]
     return diffusion_loss(pred, latents, noise, timesteps, scheduler, snr_gamma)
 
 
@@ -95,27 +112,42 @@ def training_loss(
     scheduler: DDPMScheduler,
     config: TrainConfig,
     generator: torch.Generator,
+    controlnet=None,
 ) -> torch.Tensor:
-    """One micro-batch's loss, every draw (VAE sample, eps, t) from the step's `generator`.
+    """One micro-batch's loss, every draw (VAE sample, eps, t) from the step's `generator`; with a `controlnet`
+    (the module that trains), conditioned on the batch's "conditioning_pixel_values".
 
     A micro-batch whose every image was unreadable gives a zero loss that still touches every parameter, so all
     processes run the same backward pass and stay in step.
     """
+    trained = unet if controlnet is None else controlnet
     if len(batch["indices"]) == 0:
-        return sum(p.sum() for p in unet.parameters()) * 0.0
+        return sum(p.sum() for p in trained.parameters()) * 0.0
     latents, text_embeds = batch_encoder(batch, generator)  # (B, C, h, w), (B, 77, D)
     noise, timesteps = sample_noise_and_timesteps(
         latents, scheduler.config.num_train_timesteps, generator, config.noise_offset
     )
-    return denoising_loss(unet, latents, text_embeds, noise, timesteps, scheduler, config.snr_gamma)
+    control = batch.get("conditioning_pixel_values")  # (B, 3, H, W)
+    if controlnet is not None and control is None:
+        raise ValueError(
+            "A ControlNet trains on batches with control images; the data has no conditioning column."
+        )
+    return denoising_loss(
+        unet, latents, text_embeds, noise, timesteps, scheduler, config.snr_gamma, controlnet, control
+    )
 
 
 @torch.no_grad()
-def validation_loss(unet, batch_encoder, batch: dict, scheduler: DDPMScheduler, seed: int) -> float:
+def validation_loss(
+    unet, batch_encoder, batch: dict, scheduler: DDPMScheduler, seed: int, controlnet=None
+) -> float:
     """Loss on a fixed held-out batch with fixed eps and evenly spaced t, captions kept: comparable across steps."""
     generator = keyed_generator(seed, 2**31 - 1)
     latents, text_embeds = batch_encoder(batch, generator, drop_captions=False)
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     T = scheduler.config.num_train_timesteps
     timesteps = torch.linspace(0, T - 1, len(latents)).long().to(latents.device)
-    return denoising_loss(unet, latents, text_embeds, noise, timesteps, scheduler).item()
+    control = batch.get("conditioning_pixel_values")
+    return denoising_loss(
+        unet, latents, text_embeds, noise, timesteps, scheduler, None, controlnet, control
+    ).item()

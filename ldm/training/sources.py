@@ -17,7 +17,9 @@ from ldm.training.config import TrainConfig
 logger = logging.getLogger(__name__)
 
 
-def load_image_caption_dataset(config: TrainConfig) -> datasets.Dataset | datasets.IterableDataset:
+def load_image_caption_dataset(
+    config: TrainConfig, conditioning_column: str | None = None
+) -> datasets.Dataset | datasets.IterableDataset:
     """Load the ``train`` split of the configured image-caption dataset, images left undecoded.
 
     Sources: ``config.dataset_name`` (a Hub dataset, with ``dataset_config_name``), or
@@ -29,26 +31,33 @@ def load_image_caption_dataset(config: TrainConfig) -> datasets.Dataset | datase
     when ``image_column`` / ``caption_column`` are not among them, the single image-typed column and
     ``txt`` are renamed to those names, so the defaults ``image`` / ``text`` work.
 
-    Only the image and caption columns are kept. The image column is cast to
+    Only the image and caption columns are kept, and the conditioning image column when given (a ControlNet's
+    control; an imagefolder names it by a ``<column>_file_name`` key in metadata.jsonl). Image columns are cast to
     ``datasets.Image(decode=False)``: rows hold ``{"bytes", "path"}`` for :func:`open_image`.
     ``max_train_samples`` keeps the first that many rows (before any shuffling, so always the same ones).
 
     Args:
         config: the run's config; reads the data-source fields, ``streaming``, ``max_train_samples``,
             ``image_column`` and ``caption_column``.
+        conditioning_column: the conditioning image column to keep, or None.
 
     Returns:
         A ``datasets.Dataset``, or a ``datasets.IterableDataset`` when streaming.
 
     Raises:
-        ValueError: if ``train_data_dir`` is not a folder, or the image or caption column is missing.
+        ValueError: if ``train_data_dir`` is not a folder, or the image, caption or conditioning column is missing.
     """
     dataset = _load_source(config)
     dataset = _use_webdataset_names(dataset, config.image_column, config.caption_column)
-    _check_columns(_column_names(dataset), config.image_column, config.caption_column)
-    dataset = dataset.select_columns([config.image_column, config.caption_column])
+    columns = {"image_column": config.image_column, "caption_column": config.caption_column}
+    if conditioning_column is not None:
+        columns["conditioning_image_column"] = conditioning_column
+    _check_columns(_column_names(dataset), columns)
+    dataset = dataset.select_columns(list(columns.values()))
     if dataset.features is not None:  # a stream without declared features is not decoded anyway
-        dataset = dataset.cast_column(config.image_column, datasets.Image(decode=False))
+        for column in (config.image_column, conditioning_column):
+            if column is not None:
+                dataset = dataset.cast_column(column, datasets.Image(decode=False))
     if config.max_train_samples is not None:
         dataset = _truncate(dataset, config.max_train_samples)
     return dataset
@@ -95,13 +104,13 @@ def _column_names(dataset) -> list[str]:
     return list(next(iter(dataset)).keys())
 
 
-def _check_columns(columns: list[str], image_column: str, caption_column: str) -> None:
-    """Fail with the columns found when the image or caption column is missing."""
-    for flag, name in (("image_column", image_column), ("caption_column", caption_column)):
+def _check_columns(columns: list[str], wanted: dict[str, str]) -> None:
+    """Fail with the columns found when a wanted column ({flag: name}) is missing."""
+    for flag, name in wanted.items():
         if name not in columns:
             raise ValueError(
-                f"The dataset has no {flag.split('_')[0]} column {name!r} (set by --{flag}); "
-                f"columns found: {columns}. Pass --{flag} with one of them."
+                f"The dataset has no {flag.removesuffix('_column').replace('_', ' ')} column {name!r} (set by "
+                f"--{flag}); columns found: {columns}. Pass --{flag} with one of them."
             )
 
 

@@ -244,13 +244,28 @@ class ImageCaptionTransform:
         """
         captions = caption_list(caption, index)
         draws = draw_sample(self.seed, epoch, index, len(captions), self.random_flip)
+        return self.window(image, draws, bucket), captions[draws.caption_index]
+
+    def window(self, image: Image.Image, draws: SampleDraws, bucket: tuple[int, int] | None) -> torch.Tensor:
+        """The sample's training window of `image` (its bucket's or the square), flipped as drawn: (3, h, w)."""
         if bucket is not None:
-            pixels = self.bucket_crop(
+            return self.bucket_crop(
                 image, bucket, draws.crop_top_u, draws.crop_left_u, draws.flip, self.center_crop
             )
-            return pixels, captions[draws.caption_index]
         top, left = draws.crop_offsets(image.size, self.resolution, self.center_crop)
-        return self.crop(image, top, left, draws.flip), captions[draws.caption_index]
+        return self.crop(image, top, left, draws.flip)
+
+    def conditioning_pixels(
+        self, image: Image.Image, epoch: int, index: int, bucket: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """A conditioning image (a ControlNet's control, the size of its target) cut and flipped exactly as the
+        sample's image is: (3, h, w) in [0, 1], the range diffusers' ControlNets take their control in.
+
+        The flip and the crop uniforms do not depend on the number of captions (see `draw_sample`), so they are
+        the target's whatever caption is chosen.
+        """
+        draws = draw_sample(self.seed, epoch, index, 1, self.random_flip)
+        return (self.window(image, draws, bucket) + 1) / 2
 
     @staticmethod
     def bucket_crop(

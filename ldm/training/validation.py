@@ -10,22 +10,26 @@ import torch
 from accelerate.logging import get_logger
 
 from ldm.images import image_grid
-from ldm.pipeline import LatentPipeline
+from ldm.pipelines.text_to_image import LatentPipeline
 from ldm.training.checkpoint import PipelineExport
 from ldm.training.config import TrainConfig
-from ldm.training.distributed import full_unet
+from ldm.training.distributed import full_model
 from ldm.training.loss import validation_loss
 
 logger = get_logger(__name__)
 
 
-def validation_grid(pipe: LatentPipeline, config: TrainConfig, seed: int, sizes=None):
+def validation_grid(pipe: LatentPipeline, config: TrainConfig, seed: int, sizes=None, controls=None):
     """A grid of the validation prompts (DDIM, guidance, fixed seed): one row per (width, height) in `sizes`
-    (default: the square `resolution`), one image per prompt."""
+    (default: the square `resolution`), one image per prompt.
+
+    With `controls` (a ControlNet's control images, one per prompt) each prompt's control is sampled with it and
+    shown beside its sample: one row per prompt and size, control | sample.
+    """
     images, sizes = [], sizes or [(config.resolution, config.resolution)]
     for width, height in sizes:
         generators = [torch.Generator().manual_seed(seed + i) for i in range(len(config.validation_prompts))]
-        images += pipe(
+        samples = pipe(
             config.validation_prompts,
             num_inference_steps=config.validation_inference_steps,
             guidance_scale=config.validation_guidance_scale,
@@ -34,7 +38,15 @@ def validation_grid(pipe: LatentPipeline, config: TrainConfig, seed: int, sizes=
             generator=generators,
             height=height,
             width=width,
+            **({} if controls is None else {"image": controls}),
         ).images
+        if controls is None:
+            images += samples
+        else:
+            for control, sample in zip(controls, samples, strict=True):
+                images += [control.convert("RGB").resize(sample.size), sample]
+    if controls is not None:
+        return image_grid(images, cols=2)
     return image_grid(images, cols=len(config.validation_prompts) if len(sizes) > 1 else None)
 
 
@@ -50,11 +62,13 @@ def validation_sizes(resolution: int, buckets: list | None) -> list[tuple[int, i
     return sizes
 
 
-def log_validation(accelerator, pipe, config: TrainConfig, seed: int, step: int, sizes=None) -> Path | None:
+def log_validation(
+    accelerator, pipe, config: TrainConfig, seed: int, step: int, sizes=None, controls=None
+) -> Path | None:
     """Save and log the validation grid (main process only); returns its path."""
     if not config.validation_prompts:
         return None
-    grid = validation_grid(pipe, config, seed, sizes)
+    grid = validation_grid(pipe, config, seed, sizes, controls)
     path = Path(config.output_dir) / "validation" / f"step-{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
@@ -72,7 +86,7 @@ def log_validation(accelerator, pipe, config: TrainConfig, seed: int, step: int,
 
 def validate(
     accelerator,
-    unet,
+    model,
     export: PipelineExport,
     encoder,
     heldout_batch,
@@ -80,14 +94,16 @@ def validate(
     config: TrainConfig,
     step,
     sizes=None,
+    controls=None,
 ):
     """Validation loss and sample grid (at `sizes`, see `validation_sizes`) of the current weights (EMA when on),
-    on the main process.
+    on the main process. `export` turns the trained model into a pipeline (`PipelineExport`, or a ControlNet's
+    export, whose pipeline then samples the `controls`).
 
     A collective call (under FSDP the UNet is gathered first); returns ({"val_loss": ...}, grid path) on the main
     process and ({}, None) elsewhere.
     """
-    trained = full_unet(accelerator, unet)
+    trained = full_model(accelerator, model)
     if not accelerator.is_main_process:
         return {}, None
     logs, grid_path = {}, None
@@ -99,9 +115,14 @@ def validate(
         with accelerator.autocast():
             if len(heldout_batch["indices"]):
                 logs["val_loss"] = validation_loss(
-                    pipe.unet, encoder, heldout_batch, noise_scheduler, config.seed
+                    pipe.unet,
+                    encoder,
+                    heldout_batch,
+                    noise_scheduler,
+                    config.seed,
+                    pipe.components.get("controlnet"),
                 )
-            grid_path = log_validation(accelerator, pipe, config, config.seed, step, sizes)
+            grid_path = log_validation(accelerator, pipe, config, config.seed, step, sizes, controls)
     except Exception as err:
         logger.warning(f"Validation at step {step} failed ({type(err).__name__}: {err}); training goes on.")
     return logs, grid_path
