@@ -4,7 +4,7 @@ The package map (README's Layout section has the same table):
 
 - `pipelines/`, one file per pipeline: `text_to_image` (`LatentPipeline`, its numbered steps; the sampler step is
   the diffusers scheduler's, called in `LatentPipeline.denoise`), `img2img` and `inpaint` (their own steps only),
-  `controlnet` (ControlNet text-to-image, img2img and inpainting), `loading` (load, save, upload).
+  `controlnet`, `controlnet_img2img`, `controlnet_inpaint`, `loading` (load, save, upload).
 - what sampling and training share: `call_state` and `guidance`, `checks` (argument and component checks),
   `encoding` (text embeddings, latent scaling), `presets` (model shapes), `schedulers` (samplers by name),
   `tokenizer`, `hub`, `cli` (`ldm-generate`), `control` (Canny control images), `single_file` and `export`
@@ -21,11 +21,9 @@ The package map (README's Layout section has the same table):
 """
 
 from ldm.guidance import classifier_free_guidance, rescale_guidance
-from ldm.pipelines.controlnet import (
-    LatentControlNetImg2ImgPipeline,
-    LatentControlNetInpaintPipeline,
-    LatentControlNetPipeline,
-)
+from ldm.pipelines.controlnet import LatentControlNetPipeline
+from ldm.pipelines.controlnet_img2img import LatentControlNetImg2ImgPipeline
+from ldm.pipelines.controlnet_inpaint import LatentControlNetInpaintPipeline
 from ldm.pipelines.img2img import LatentImg2ImgPipeline
 from ldm.pipelines.inpaint import LatentInpaintPipeline
 from ldm.pipelines.text_to_image import LatentPipeline, LatentPipelineOutput

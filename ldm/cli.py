@@ -18,11 +18,9 @@ from diffusers import ControlNetModel
 from ldm.checks import check_count, check_guidance, check_image_size, check_mask_fits, check_strength
 from ldm.control import canny_edges, import_cv2
 from ldm.images import image_grid
-from ldm.pipelines.controlnet import (
-    LatentControlNetImg2ImgPipeline,
-    LatentControlNetInpaintPipeline,
-    LatentControlNetPipeline,
-)
+from ldm.pipelines.controlnet import LatentControlNetPipeline
+from ldm.pipelines.controlnet_img2img import LatentControlNetImg2ImgPipeline
+from ldm.pipelines.controlnet_inpaint import LatentControlNetInpaintPipeline
 from ldm.pipelines.img2img import LatentImg2ImgPipeline
 from ldm.pipelines.inpaint import LatentInpaintPipeline
 from ldm.pipelines.text_to_image import LatentPipeline

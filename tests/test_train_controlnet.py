@@ -154,3 +154,15 @@ def test_bad_settings_and_data_fail_before_any_model_loads(
         monkeypatch.setattr(cls, "from_pretrained", no_model)
     text = start(control_world, tmp_path, *args)
     assert text.startswith(f"{SCRIPT}: ") and message in text, text
+
+
+def test_diffusers_flag_names_are_accepted():
+    from ldm.training.config import load_config
+    from ldm.training.controlnet import ControlNetTrainConfig
+
+    config = load_config(
+        ["--pretrained_model_name_or_path", "base", "--train_data_dir", "data", "--validation_prompt", "a", "b",
+         "--validation_image", "edges.png", "--proportion_empty_prompts", "0.5"],
+        ControlNetTrainConfig,
+    )  # fmt: skip
+    assert config.validation_prompts == ["a", "b"] and config.caption_dropout == 0.5

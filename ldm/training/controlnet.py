@@ -8,6 +8,7 @@ predictions. Only the ControlNet trains; the UNet, VAE and text encoder stay fro
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,10 @@ class ControlNetTrainConfig(TrainConfig):
     proportion_empty_prompts: float | None = None
     # Control images for the validation grid: one per validation prompt, or one for every prompt.
     validation_image: list[str] | None = None
+    # diffusers' train_controlnet.py spells it --validation_prompt; both names set this one field.
+    validation_prompts: list[str] | None = dataclasses.field(
+        default=None, metadata={"aliases": ["--validation_prompt"]}
+    )
     tracker_project_name: str = "ldm-controlnet"
     output_dir: str = "ldm-controlnet"
 
