@@ -43,7 +43,7 @@ from ldm.training.encoders import CachedBatchEncoder, LiveBatchEncoder
 from ldm.training.loop import train_loop
 from ldm.training.loss import training_loss
 from ldm.training.run import (
-    check_sources,
+    check_run_sources,
     claim_run,
     finish_run,
     load_data,
@@ -65,7 +65,7 @@ PROG = "train_controlnet.py"
 
 def check_startup(config: ControlNetTrainConfig) -> list | None:
     """What can be checked before any model loads; returns the validation control images."""
-    check_sources(config)
+    check_run_sources(config)
     if config.controlnet_model_name_or_path:
         check_local_or_hub(config.controlnet_model_name_or_path, "controlnet_model_name_or_path")
         check_controlnet_source(config)

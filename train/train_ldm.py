@@ -26,7 +26,7 @@ from transformers import CLIPTextModel
 from ldm.checks import check_components_fit
 from ldm.encoding import vae_scale_factor
 from ldm.presets import build_unet, get_preset
-from ldm.single_file import check_sources as check_single_file_sources
+from ldm.single_file import check_sources
 from ldm.training.bucketing import bucket_data, bucket_spec_for
 from ldm.training.checkpoint import PipelineExport, resume, save_checkpoint, save_final
 from ldm.training.config import TrainConfig, load_config
@@ -37,7 +37,7 @@ from ldm.training.loop import train_loop
 from ldm.training.lora import add_lora, trainable_parameters
 from ldm.training.loss import training_loss
 from ldm.training.run import (
-    check_sources,
+    check_run_sources,
     claim_run,
     finish_run,
     load_data,
@@ -56,11 +56,11 @@ from ldm.training.validation import validate, validation_sizes
 
 def check_startup(config: TrainConfig) -> None:
     """What can be checked before any model loads: trackers, the data files, the base model's location."""
-    check_sources(config)
+    check_run_sources(config)
     # The single-file layout fits SD 1.x's structure only: know it before training (a Hub base: at the final save).
     if config.export_single_file:
         base = Path(config.pretrained_model_name_or_path)
-        check_single_file_sources(
+        check_sources(
             config.unet_preset and get_preset(config.unet_preset)["unet"],
             base / "unet",
             config.pretrained_vae_model_name_or_path or base / "vae",

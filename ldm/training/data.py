@@ -184,8 +184,10 @@ class TrainDataset(torch.utils.data.Dataset):
         if self.conditioning_column is None:
             return None
         digest = hashlib.blake2b(digest_size=16)
-        for record in self.dataset[self.conditioning_column]:
-            _hash_record(digest, record)
+        for row in self.dataset.select_columns(
+            [self.conditioning_column]
+        ):  # row by row: never the whole column
+            _hash_record(digest, row[self.conditioning_column])
         return digest.hexdigest()
 
     def captions(self) -> list[list[str]]:

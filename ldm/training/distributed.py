@@ -48,21 +48,21 @@ def weight_dtype_for(accelerator: Accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def full_model(accelerator: Accelerator, unet) -> torch.nn.Module | None:
+def full_model(accelerator: Accelerator, model) -> torch.nn.Module | None:
     """The trained model (a UNet, a ControlNet) as one plain module on the main process (a collective call: run it
     on every process).
 
     Under FSDP the parameters are sharded, so they are gathered first; elsewhere this is just the unwrapped model.
     """
     if accelerator.distributed_type == DistributedType.FSDP:
-        state = accelerator.get_state_dict(unet)
+        state = accelerator.get_state_dict(model)
         if not accelerator.is_main_process:
             return None
-        unwrapped = accelerator.unwrap_model(unet, keep_torch_compile=False)
+        unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         module = type(unwrapped).from_config(unwrapped.config)
         module.load_state_dict(state)
         return module.to(accelerator.device)
-    return accelerator.unwrap_model(unet, keep_torch_compile=False)
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
 def check_replicas_in_sync(accelerator: Accelerator, model) -> None:

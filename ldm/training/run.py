@@ -56,7 +56,7 @@ def check_trackers(report_to: str) -> None:
         )
 
 
-def check_sources(config: TrainConfig) -> None:
+def check_run_sources(config: TrainConfig) -> None:
     """What every trainer checks before any model loads: trackers, the data files, the base model's location."""
     check_trackers(config.report_to)
     check_data_files(config)

@@ -100,7 +100,7 @@ def validate(
     on the main process. `export` turns the trained model into a pipeline (`PipelineExport`, or a ControlNet's
     export, whose pipeline then samples the `controls`).
 
-    A collective call (under FSDP the UNet is gathered first); returns ({"val_loss": ...}, grid path) on the main
+    A collective call (under FSDP the trained model is gathered first); returns ({"val_loss": ...}, grid path) on the main
     process and ({}, None) elsewhere.
     """
     trained = full_model(accelerator, model)
