@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
 from PIL import Image
@@ -166,3 +167,21 @@ def test_diffusers_flag_names_are_accepted():
         ControlNetTrainConfig,
     )  # fmt: skip
     assert config.validation_prompts == ["a", "b"] and config.caption_dropout == 0.5
+
+
+def test_a_new_controlnet_starts_at_the_base_model_and_already_sees_its_control(control_world):
+    from ldm.training.controlnet import ControlNetTrainConfig, build_controlnet
+
+    unet = UNet2DConditionModel.from_pretrained(control_world / "base" / "unet")
+    vae_config = AutoencoderKL.load_config(control_world / "base" / "vae")
+    config = ControlNetTrainConfig(pretrained_model_name_or_path="base", train_data_dir="data")
+    controlnet = build_controlnet(config, unet, vae_config)
+    torch.manual_seed(0)
+    latents, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    text = torch.randn(2, 7, unet.config.cross_attention_dim)
+    control = (torch.rand(2, 3, 16, 16) > 0.9).float()  # sparse, like an outline
+    down, mid = controlnet(latents, t, text, controlnet_cond=control, return_dict=False)
+    assert all(not r.any() for r in [*down, mid])  # zero output convolutions: the base model's prediction
+    # The control embedding passes the control on at its scale (diffusers' initialisation makes it zero).
+    embedded = controlnet.controlnet_cond_embedding(control)
+    assert embedded.shape == (2, unet.config.block_out_channels[0], 8, 8) and embedded.std() > 0.1

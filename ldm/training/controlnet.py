@@ -176,7 +176,28 @@ def build_controlnet(
         f"The VAE downsamples {factor}x; a ControlNet's control embedding here goes to 8x at most. Train a "
         "ControlNet for an 8x (or smaller) VAE.",
     )
-    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=EMBEDDING_CHANNELS[:levels])
+    controlnet = ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=EMBEDDING_CHANNELS[:levels]
+    )
+    init_control_embedding(controlnet)
+    return controlnet
+
+
+def init_control_embedding(controlnet: ControlNetModel) -> None:
+    """He-initialise the control embedding (the convolutions that bring the control image to the latent grid).
+
+    diffusers zeroes its last convolution and leaves the others at PyTorch's default, which shrinks activations
+    layer after layer. Measured on the demo model (64 held-out samples, empty prompt, t from 400 to 999): after 200
+    steps at lr 5e-4 or 2e-3 the loss was the same with the control and with an empty one (0.0271 and 0.0274), the
+    slow start the paper calls sudden convergence; even with the last convolution re-initialised, a random control
+    moved the residuals by 1e-4. With He initialisation the control reaches the ControlNet from the first step: 0.0225
+    with the control against 0.0285 without, after 150 steps at lr 1e-3. The ControlNet's output convolutions stay
+    zero, so training still starts from exactly the base model's predictions.
+    """
+    embedding = controlnet.controlnet_cond_embedding
+    for conv in (embedding.conv_in, *embedding.blocks, embedding.conv_out):
+        torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        torch.nn.init.zeros_(conv.bias)
 
 
 @dataclass
