@@ -56,13 +56,13 @@ bench: demo
 # A ControlNet on the demo's model (README, "ControlNet"): the demo's images with their outlines as controls (the
 # demo's data step writes them), the base UNet frozen, the latent cache shared with the base run. Evaluated on the
 # 30 held-out compositions with outlines drawn fresh: IoU of the drawn object with the outline's filled shape and
-# all-attribute accuracy at guidance 7.5 as the control is faded in (scale 0, 0.5, 1), then guess mode (empty prompt).
+# all-attribute accuracy at guidance 3 and 7.5 as the control is faded in (scale 0, 0.5, 1), then guess mode (empty prompt).
 controlnet-demo: demo
 	$(LAUNCH) train/train_controlnet.py --config configs/controlnet_demo.yaml --resume_from_checkpoint latest \
 		--pretrained_model_name_or_path $(DEMO)/ldm --train_data_dir $(DEMO)/data --output_dir $(DEMO)/controlnet \
 		--cache_dir $(DEMO)/cache
 	$(BIN)/python train/evaluate.py --model $(DEMO)/ldm --controlnet $(DEMO)/controlnet \
-		--prompts $(DEMO)/data/heldout_prompts.jsonl --guidance_scales 7.5 --control_scales 0 0.5 1.0 --seeds 0 1 \
+		--prompts $(DEMO)/data/heldout_prompts.jsonl --guidance_scales 3 7.5 --control_scales 0 0.5 1.0 --seeds 0 1 \
 		--steps 25 --out_dir $(DEMO)/eval-controlnet
 	$(BIN)/python train/evaluate.py --model $(DEMO)/ldm --controlnet $(DEMO)/controlnet --guess_mode \
 		--prompts $(DEMO)/data/heldout_prompts.jsonl --guidance_scales 3 --control_scales 1.0 --seeds 0 1 \
