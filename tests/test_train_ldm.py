@@ -194,7 +194,8 @@ def test_bad_config_fails_at_startup(world, tmp_path, args, message):
 def test_shipped_configs_load():
     from accelerate.commands.config.config_args import load_config_from_file
 
-    from ldm.training.config import load_config
+    from ldm.training.config import TrainConfig, load_config
+    from ldm.training.controlnet import ControlNetTrainConfig
 
     kinds = {
         p.name: load_config_from_file(str(p)).distributed_type
@@ -212,7 +213,8 @@ def test_shipped_configs_load():
         if "dataset_name" in given:
             missing.pop("train_data_dir")
         extra = [arg for key, value in missing.items() if key not in given for arg in (f"--{key}", value)]
-        load_config(["--config", str(path), *extra])
+        trainer_config = ControlNetTrainConfig if path.name.startswith("controlnet") else TrainConfig
+        load_config(["--config", str(path), *extra], trainer_config)
 
 
 def test_mixed_precision_and_objective_options_run(world, tmp_path):
