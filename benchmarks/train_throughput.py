@@ -1,7 +1,7 @@
 """Training throughput, measured in one run: diffusers' train_text_to_image.py against train_ldm.py, and the floor.
 
     python benchmarks/train_throughput.py --diffusers_script PATH/TO/diffusers/examples/text_to_image/train_text_to_image.py
-        [--demo_dir outputs/demo] [--steps 10 40] [--batch_size 64]
+        [--demo_dir outputs/demo] [--steps 10 40] [--batch_size 64] [--rounds 3]
 
 On the demo's base (its VAE and text stack, plus a randomly initialised `small` UNet saved beside them so that both
 scripts load the same weights) and data (64 px, 8x8x4 latents), one process, fp32:
@@ -9,12 +9,16 @@ scripts load the same weights) and data (64 px, 8x8x4 latents), one process, fp3
 - diffusers' `train_text_to_image.py` (it imports torchvision, which has no CPU build here: the benchmark runs it
   through `benchmarks/run_with_torchvision_stub.py`, with PIL stand-ins for the transforms it uses);
 - `train_ldm.py` without the latent cache (VAE and text encoder run every step, as in diffusers), and with it;
+- `train_ldm.py` cached with `--mixed_precision bf16`: what a user who picks bf16 for speed gets on this machine;
 - `train_ldm.py` uncached with aspect-ratio buckets, on a copy of the data stretched to 1:2, 1:1 and 2:1
   (`ldm.shapes.aspects`), compared with square training in pixels per second (the buckets' areas differ);
 - a bare UNet forward + backward + AdamW step on the same shapes, with nothing else: the floor.
 
 Each script's step time is (wall(N2 steps) - wall(N1 steps)) / (N2 - N1), so start-up, model loading and data
-loading before the first step cancel; the cache is built by an earlier launch. On a CUDA machine `--gpu` also
+loading before the first step cancel; the cache is built by an earlier launch. A shared machine drifts by a quarter
+from one minute to the next, so the rows are measured in `--rounds` rounds, each running every row in turn, and the
+table gives each row's median and range over the rounds, and each ratio's median and range over the rounds'
+ratios (a row against the reference measured in the same round). On a CUDA machine `--gpu` also
 reports the `sd15` UNet at 512 px: TFLOP/s and MFU (FLOPs counted by `torch.utils.flop_counter`), fp32 and bf16,
 SDPA and xformers, torch.compile off and on (see `benchmarks/unet_step.py`).
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,6 +42,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from unet_step import gpu_report, time_unet_step  # noqa: E402
 
 STUB_RUNNER = ROOT / "benchmarks" / "run_with_torchvision_stub.py"
+DIFFUSERS = "diffusers train_text_to_image.py"
+UNCACHED = "train_ldm.py uncached"
+CACHED = "train_ldm.py cached"
+BF16 = "train_ldm.py cached, bf16"
+BUCKETED = "train_ldm.py bucketed uncached"
+FLOOR = "bare UNet step (floor)"
 
 
 def launcher() -> list[str]:
@@ -123,44 +134,68 @@ def diffusers_run(script: Path, base: Path, data: Path, out: Path, batch_size: i
     return run
 
 
-def cpu_table(args: argparse.Namespace) -> None:
-    """The one-run CPU comparison, printed as a table with ratios."""
+def measure_rows(args: argparse.Namespace, tmp: Path) -> dict[str, list[float]]:
+    """Samples/s of every row in each of `args.rounds` rounds (each round runs every row once, in turn)."""
     demo_dir, steps, batch = Path(args.demo_dir), tuple(args.steps), args.batch_size
+    base = make_base(demo_dir, tmp / "base")
+    data = demo_dir / "data"
+    bucket_args, bucket_area = mixed_aspect_data(base, data, tmp / "mixed")
+    cached = ldm_run(base, data, tmp / "cached", tmp / "cache", True, batch)
+    cached(1)  # builds the cache
+    runs = {}
+    if args.diffusers_script:
+        runs[DIFFUSERS] = diffusers_run(Path(args.diffusers_script), base, data, tmp / "diffusers", batch)
+    runs[UNCACHED] = ldm_run(base, data, tmp / "live", tmp / "cache", False, batch)
+    runs[CACHED] = cached
+    runs[BF16] = ldm_run(base, data, tmp / "bf16", tmp / "cache", True, batch, ["--mixed_precision", "bf16"])
+    runs[BUCKETED] = ldm_run(base, tmp / "mixed", tmp / "bucketed", tmp / "cache", False, batch, bucket_args)
+    rows: dict[str, list[float]] = {name: [] for name in [*runs, FLOOR]}
+    for round_index in range(args.rounds):
+        for name, run in runs.items():
+            rows[name].append(samples_per_second(run, steps, batch))
+            if name == BUCKETED:  # in pixels per second against the square's: the buckets' areas differ
+                rows[name][-1] *= bucket_area / (64 * 64)
+        rows[FLOOR].append(time_unet_step("small", base, batch, latent_side=8, device="cpu"))
+        print(
+            f"round {round_index + 1}/{args.rounds}: "
+            + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rows.items())
+        )
+    rows["mean bucket area"] = [bucket_area]
+    return rows
+
+
+def spread(values: list[float]) -> str:
+    """Median and range, as `median (min-max)`."""
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def cpu_table(args: argparse.Namespace) -> None:
+    """The CPU comparison over several rounds, printed as a table of medians and ranges, with ratios."""
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        base = make_base(demo_dir, tmp / "base")
-        data = demo_dir / "data"
-        rows = {}
-        if args.diffusers_script:
-            run = diffusers_run(Path(args.diffusers_script), base, data, tmp / "diffusers", batch)
-            rows["diffusers train_text_to_image.py"] = samples_per_second(run, steps, batch)
-        rows["train_ldm.py uncached"] = samples_per_second(
-            ldm_run(base, data, tmp / "live", tmp / "cache", False, batch), steps, batch
-        )
-        cached = ldm_run(base, data, tmp / "cached", tmp / "cache", True, batch)
-        cached(1)  # builds the cache
-        rows["train_ldm.py cached"] = samples_per_second(cached, steps, batch)
-        bucket_args, bucket_area = mixed_aspect_data(base, data, tmp / "mixed")
-        rows["train_ldm.py bucketed uncached"] = samples_per_second(
-            ldm_run(base, tmp / "mixed", tmp / "bucketed", tmp / "cache", False, batch, bucket_args),
-            steps,
-            batch,
-        )
-        rows["bare UNet step (floor)"] = time_unet_step("small", base, batch, latent_side=8, device="cpu")
-    print(f"samples/s, batch {batch}, 64 px, step time from runs of {steps[0]} and {steps[1]} steps")
-    for name, value in rows.items():
-        print(f"  {name:<34} {value:8.1f}")
-    reference = rows.get("diffusers train_text_to_image.py")
-    if reference:
-        print(f"uncached / diffusers = {rows['train_ldm.py uncached'] / reference:.2f}x")
-        print(f"cached / diffusers   = {rows['train_ldm.py cached'] / reference:.2f}x")
-    else:
-        print("(pass --diffusers_script to compare with diffusers' train_text_to_image.py)")
-    print(f"bare UNet / cached   = {rows['bare UNet step (floor)'] / rows['train_ldm.py cached']:.2f}x")
-    pixels = rows["train_ldm.py bucketed uncached"] * bucket_area / (rows["train_ldm.py uncached"] * 64 * 64)
+        rows = measure_rows(args, Path(tmp))
+    bucket_area = rows.pop("mean bucket area")[0]
     print(
-        f"bucketed / square uncached, in pixels per second = {pixels:.2f}x (the 1:2, 1:1, 2:1 copy of the data: "
-        f"{bucket_args[-1]} px bucket steps, mean bucket {bucket_area:.0f} px against 64 x 64 = 4096)"
+        f"samples/s, batch {args.batch_size}, 64 px, step time from runs of {args.steps[0]} and {args.steps[1]} "
+        f"steps; median (range) over {args.rounds} rounds"
+    )
+    for name, values in rows.items():
+        print(f"  {name:<40} {spread(values)}")
+    ratios = [
+        (UNCACHED, DIFFUSERS),
+        (CACHED, DIFFUSERS),
+        (BF16, CACHED),
+        (FLOOR, CACHED),
+        (BUCKETED, UNCACHED),
+    ]
+    print("ratios, median (range) of the rounds' ratios:")
+    for row, reference in ratios:
+        if reference in rows:
+            per_round = [a / b for a, b in zip(rows[row], rows[reference], strict=True)]
+            print(f"  {row} / {reference}: {spread(per_round)}x")
+    if DIFFUSERS not in rows:
+        print("(pass --diffusers_script to compare with diffusers' train_text_to_image.py)")
+    print(
+        f"(bucketed: pixels/s scaled to 64 x 64 samples; the 1:2, 1:1, 2:1 copy's mean bucket is {bucket_area:.0f} px)"
     )
 
 
@@ -199,12 +234,15 @@ def main(argv: list[str] | None = None) -> None:
         "--steps", type=int, nargs=2, default=[10, 40], help="the two run lengths (default 10 40)"
     )
     parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every row, in turn (default 3)")
     parser.add_argument(
         "--gpu", action="store_true", help="also the sd15 UNet at 512 px on CUDA (TFLOP/s, MFU)"
     )
     args = parser.parse_args(argv)
     if args.steps[1] <= args.steps[0] or args.steps[0] < 1:
         parser.error(f"--steps {args.steps}: give two run lengths N1 < N2, N1 >= 1 (e.g. 10 40).")
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: give at least 1.")
     if args.diffusers_script and not Path(args.diffusers_script).is_file():
         parser.error(f"--diffusers_script {args.diffusers_script}: no such file.")
     if not (Path(args.demo_dir) / "base").is_dir():

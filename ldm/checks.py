@@ -15,6 +15,7 @@ import torch
 from diffusers.utils import logging
 
 from ldm.encoding import vae_scale_factor
+from ldm.images import convert_mode
 
 logger = logging.get_logger(__name__)
 
@@ -35,6 +36,73 @@ def check_local_or_hub(name: str | os.PathLike, what: str) -> None:
     """A name that can only be a local path must be an existing folder (not left to fail as a bad Hub id)."""
     if not Path(name).expanduser().is_dir() and not looks_like_hub_id(name):
         raise ValueError(f"{what} {os.fspath(name)!r} is not a folder (nor a Hub id of the form owner/name).")
+
+
+LORA_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from checkpoint, the shape "
+    r"in current model is torch\.Size\(\[([\d, ]*)\]\)"
+)
+
+
+def check_lora_source(source, weight_name: str | None = None) -> None:
+    """A LoRA given as a path exists (diffusers would take a missing one for a Hub id and ask for a weight_name), and
+    a folder holds a .safetensors file. Dicts and Hub ids pass."""
+    if not isinstance(source, (str, os.PathLike)):
+        return
+    path = Path(source).expanduser()
+    if not path.exists():
+        if path.suffix in LORA_SUFFIXES or not looks_like_hub_id(source):
+            raise ValueError(
+                f"LoRA {os.fspath(source)}: no such file or folder; pass a .safetensors file, a folder holding "
+                "pytorch_lora_weights.safetensors, or a Hub repository id."
+            )
+        return
+    if path.is_dir() and weight_name is None and not any(path.glob("*.safetensors")):
+        raise ValueError(
+            f"LoRA folder {path} holds no .safetensors file; pass the LoRA file itself (or weight_name=...)."
+        )
+
+
+def lora_base(source) -> str | None:
+    """The base model a LoRA names: kohya's `ss_sd_model_name` in the file, or `base_model:` in its folder's model
+    card; None when neither is there."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            name = (f.metadata() or {}).get("ss_sd_model_name")
+        if name:
+            return name
+        path = path.parent
+    card = path / "README.md"
+    if card.is_file():
+        for line in card.read_text(errors="replace").splitlines():
+            if line.startswith("base_model:"):
+                return line.split(":", 1)[1].strip() or None
+    return None
+
+
+def lora_mismatch(source, error: str, unet) -> str | None:
+    """One line for torch's list of size mismatches when a LoRA made for another UNet is loaded; None for any other
+    error. It names the first layer that differs, how, and the base the LoRA names."""
+    mismatches = _SIZE_MISMATCH.findall(error)
+    if not mismatches:
+        return None
+    layer, theirs, ours = mismatches[0]
+    layer = re.sub(r"\.lora_[AB](\.[^.]+)?\.weight$", "", layer)
+    base = lora_base(source)
+    trained_for = f"trained for {base}" if base else "trained for another UNet"
+    where = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the LoRA state dict"
+    return (
+        f"LoRA {where} was {trained_for}: {len(mismatches)} of its tensors do not fit this UNet "
+        f"(block_out_channels={list(unet.config.block_out_channels)}, cross_attention_dim="
+        f"{unet.config.cross_attention_dim}); the first, {layer}, is ({theirs}) in the LoRA but ({ours}) here. "
+        "Load it onto the base it was trained on."
+    )
 
 
 def check_pipeline_folder(path: str | os.PathLike, skipped: tuple[str, ...] = ()) -> None:
@@ -161,6 +229,8 @@ def check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
                 f"prompt_embeds must be (batch, tokens, dim); got shape {tuple(prompt_embeds.shape)}."
             )
         batch_size = prompt_embeds.shape[0]
+    check_finite("prompt_embeds", prompt_embeds)
+    check_finite("negative_prompt_embeds", negative_prompt_embeds)
     if negative_prompt is not None:
         if negative_prompt_embeds is not None:
             raise ValueError("Pass at most one of `negative_prompt` and `negative_prompt_embeds`, not both.")
@@ -244,10 +314,26 @@ def check_call_tensors(generator, latents, latent_shape: tuple, tensor_inputs, a
             f"{latent_shape[2]}x{latent_shape[3]} latents; match height/width/num_images_per_prompt or leave "
             "latents=None."
         )
+    check_finite("latents", latents)
     unknown = [k for k in tensor_inputs if k not in available]
     if unknown:
         raise ValueError(
             f"callback_on_step_end_tensor_inputs {unknown} are not available; choose from {available}."
+        )
+
+
+def check_finite(name: str, value) -> None:
+    """A tensor or array argument (latents, embeddings, pixels) holds no NaN or infinity; None passes.
+
+    A NaN anywhere spreads through every attention layer, and the call would return black or NaN images silently.
+    """
+    if value is None or isinstance(value, PIL.Image.Image):
+        return
+    bad = ~torch.isfinite(torch.as_tensor(value))
+    if bad.any():
+        raise ValueError(
+            f"{name} has {int(bad.sum())} NaN or infinite values of {bad.numel()}; every value must be finite "
+            "(look for a division by zero or an overflow where it was made)."
         )
 
 
@@ -269,6 +355,31 @@ def image_hw(image, name: str = "image") -> tuple[int, int]:
     if isinstance(first, torch.Tensor) and first.ndim >= 2:
         return tuple(first.shape[-2:])
     raise TypeError(f"{name} must be {IMAGE_TYPES}; got {type(image).__name__}.")
+
+
+def as_pixels(image, name: str, factor: int, mode: str = "RGB"):
+    """`image` ready for the image processor: PIL images converted to `mode` ("RGB" for images, "L" for masks),
+    arrays and tensors checked to be finite; each at least `factor` pixels on each side.
+
+    A PIL image is always pixels: an RGBA or CMYK one would otherwise be taken as a 4-channel latent, and an L, I;16 or
+    P one fail inside a convolution.
+
+    Raises:
+        TypeError: not an image. ValueError: NaN or infinite values; a side that rounds down to 0 at the VAE factor.
+    """
+    images = image if isinstance(image, list) else [image]
+    for k, one in enumerate(images):
+        label = name if not isinstance(image, list) else f"{name}[{k}]"
+        height, width = image_hw(one, label)
+        if height // factor == 0 or width // factor == 0:
+            raise ValueError(
+                f"{label} is {height}x{width} (height x width); rounded down to a multiple of the VAE scale factor "
+                f"{factor} that is {height // factor * factor}x{width // factor * factor}, no pixels. Give an image "
+                f"at least {factor} px on each side."
+            )
+        check_finite(label, one)
+    converted = [convert_mode(one, mode) if isinstance(one, PIL.Image.Image) else one for one in images]
+    return converted if isinstance(image, list) else converted[0]
 
 
 def check_strength(strength, num_inference_steps: int | None = None) -> None:

@@ -79,7 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help='With --control_image: use its Canny edge map (needs OpenCV: pip install "ldm[canny]").',
     )
-    parser.add_argument("--out", default="out.png", help="PNG path: one image, or a grid of all of them.")
+    parser.add_argument(
+        "--out",
+        default="out.png",
+        help="Image path (.png, .jpg, .webp): one image, or a grid of all of them.",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="Replace --out if it exists (refused otherwise)."
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 
@@ -95,6 +102,21 @@ def open_image(
             return image.convert(mode)
     except (OSError, ValueError) as err:
         parser.error(f"{flag} {path}: not a readable image ({err}).")
+
+
+def check_out(parser: argparse.ArgumentParser, out: str, overwrite: bool) -> None:
+    """--out is a format PIL writes, and not an existing file unless --overwrite: checked before any model loads."""
+    path = Path(out)
+    PIL.Image.init()
+    writable = sorted(ext for ext, fmt in PIL.Image.registered_extensions().items() if fmt in PIL.Image.SAVE)
+    if path.suffix.lower() not in writable:
+        parser.error(
+            f"--out {out}: {path.suffix or 'no extension'} is not an image format; use .png (or .jpg, .webp)."
+        )
+    if path.is_dir():
+        parser.error(f"--out {out} is a folder; give a file name such as {path / 'out.png'}.")
+    if path.exists() and not overwrite:
+        parser.error(f"--out {out} exists; pass --overwrite to replace it, or choose another name.")
 
 
 def check_image_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -139,6 +161,7 @@ def check_control_flags(parser: argparse.ArgumentParser, args: argparse.Namespac
 
 def load_checked(parser: argparse.ArgumentParser, args: argparse.Namespace) -> LatentPipeline:
     """Check the flags, then load the pipeline (and LoRA); a problem exits 2 with one line that names the flag."""
+    check_out(parser, args.out, args.overwrite)
     try:
         check_count("--steps", args.steps, example=50)
         check_count("--num", args.num, example=1)

@@ -10,13 +10,22 @@ unit-variance latent the diffusion model works on (Rombach et al. 2022, sec. 4.3
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Literal
 
 import torch
 from diffusers.utils import logging
 from transformers import CLIPTextModel, CLIPTokenizer
 
 logger = logging.get_logger(__name__)
+
+# The VAE's mid-block self-attention runs over every latent pixel, so its cost grows with their square: up to 128x128
+# latents (a 1024 px Stable Diffusion image) it is fine; a 2048 px image on the tiny 2x VAE (1024x1024 latents) ran
+# more than 13 CPU-minutes in one attention. Larger ones go through diffusers' tiled encode/decode, in tiles of
+# TILE_LATENT_SIDE latents (Stable Diffusion's own 64 at 512 px) or the VAE's own tile size if larger.
+MAX_UNTILED_LATENT_PIXELS = 128 * 128
+TILE_LATENT_SIDE = 64
 
 
 def vae_scale_factor(vae_config: Mapping) -> int:
@@ -89,3 +98,58 @@ def encode_text(
         norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
         hidden = norm(states[-(clip_skip + 1)])
     return hidden.to(dtype=text_encoder.dtype)
+
+
+def tile_count(side: int, tile: int, overlap_factor: float) -> int:
+    """How many tiles diffusers' tiled encode/decode takes along a side of `side` pixels (or latents)."""
+    return len(range(0, side, int(tile * (1 - overlap_factor))))
+
+
+@contextmanager
+def vae_tiles(
+    pipe, stage: Literal["encode", "decode"], latent_size: tuple[int, int], images: int
+) -> Iterator[None]:
+    """Run what the block encodes or decodes through `pipe.vae` in tiles, with a progress bar over them, when the
+    latents are larger than `MAX_UNTILED_LATENT_PIXELS` (or the user enabled tiling); untouched otherwise.
+
+    Tiling turned on here is turned off again on the way out, and warned about: tiles are blended at their seams,
+    so the result differs slightly from an untiled pass (call `pipe.enable_vae_tiling()` to choose it yourself).
+    """
+    vae = pipe.vae
+    height, width = latent_size
+    automatic = not vae.use_tiling and height * width > MAX_UNTILED_LATENT_PIXELS
+    sizes = (vae.tile_sample_min_size, vae.tile_latent_min_size)
+    if automatic:
+        factor = vae_scale_factor(vae.config)
+        latent_tile = max(vae.tile_latent_min_size, TILE_LATENT_SIDE)
+        vae.tile_latent_min_size, vae.tile_sample_min_size = latent_tile, latent_tile * factor
+        vae.enable_tiling()
+        logger.warning(
+            "%dx%d latents are too large to %s in one pass (its attention would take minutes to hours): %sing "
+            "in tiles of %d latents. pipe.enable_vae_tiling() makes this your choice and silences this warning.",
+            height, width, stage, stage.removesuffix("e"), latent_tile,
+        )  # fmt: skip
+    if not vae.use_tiling or max(height, width) <= vae.tile_latent_min_size:
+        yield
+        return
+    side = vae.tile_latent_min_size if stage == "decode" else vae.tile_sample_min_size
+    factor = 1 if stage == "decode" else vae_scale_factor(vae.config)
+    tiles = tile_count(height * factor, side, vae.tile_overlap_factor) * tile_count(
+        width * factor, side, vae.tile_overlap_factor
+    )
+    bar = pipe.progress_bar(total=tiles * images)
+    bar.set_description(f"VAE {stage} tiles")
+    module = vae.encoder if stage == "encode" else vae.decoder
+
+    def count_tile(*_) -> None:  # a forward hook's return value would replace the output
+        bar.update(1)
+
+    hook = module.register_forward_hook(count_tile)
+    try:
+        yield
+    finally:
+        hook.remove()
+        bar.close()
+        if automatic:
+            vae.disable_tiling()
+            vae.tile_sample_min_size, vae.tile_latent_min_size = sizes

@@ -22,10 +22,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("out", help="the .safetensors file to write")
     parser.add_argument("--half", action="store_true", help="store fp16 weights (half the size)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUT if it exists (refused otherwise)"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     if out.suffix != ".safetensors":
         parser.error(f"OUT {out}: must end in .safetensors (the only format written).")
+    if out.exists() and not args.overwrite:
+        parser.error(f"OUT {out} exists; pass --overwrite to replace it, or choose another name.")
     if not Path(args.pipeline_dir).is_dir():
         parser.error(f"PIPELINE_DIR {args.pipeline_dir}: no such folder.")
     try:  # the folder's structure is checked from its configs before any weights load

@@ -11,7 +11,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi, ModelCardData
+from huggingface_hub import HfApi, ModelCardData, constants, get_token
 
 
 def model_card_text(
@@ -85,6 +85,33 @@ def model_card_text(
         "",
     ]
     return "\n".join(lines)
+
+
+def check_hub_access(repo_id: str) -> None:
+    """Before a run that will push to `repo_id`: not offline, a token, and the repository reachable (created if
+    missing, as diffusers' training scripts do at start-up), so that a run never learns it cannot upload at its end.
+
+    Raises:
+        ValueError: naming what is missing and the fix (the token itself is never shown).
+    """
+    if constants.is_offline_mode():
+        raise ValueError(
+            "--push_to_hub, but HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it, or drop --push_to_hub "
+            "(the output folder is complete without it: upload it later with `hf upload`)."
+        )
+    if get_token() is None:
+        raise ValueError(
+            "--push_to_hub needs a Hub token with write access: run `hf auth login` or set HF_TOKEN (never pass it "
+            "as a flag or in the config)."
+        )
+    try:
+        HfApi().create_repo(repo_id, exist_ok=True)
+    except Exception as err:  # network, auth and permission errors alike: each is "cannot push"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"--push_to_hub: cannot create or reach {repo_id} on the Hub ({reason}); check the network, the "
+            "token's write access and --hub_model_id, or drop --push_to_hub."
+        ) from None
 
 
 def push_folder(

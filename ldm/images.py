@@ -1,10 +1,26 @@
-"""Small image helpers shared by sampling, validation and evaluation."""
+"""Small image helpers shared by sampling, validation, evaluation and training data."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import PIL.Image
+
+# 16-bit greyscale: PNG's I;16 (and I, as Pillow widens some 16-bit files). PIL's own convert clips these at 255
+# instead of scaling, turning almost every pixel white.
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def convert_mode(image: PIL.Image.Image, mode: str) -> PIL.Image.Image:
+    """`image` in `mode` ("RGB" or "L"): alpha dropped, palette, CMYK and greyscale converted, 16-bit greyscale scaled
+    to 8 bits (65535 -> 255) rather than clipped. The image itself when it already has that mode."""
+    if image.mode == mode:
+        return image
+    if image.mode in SIXTEEN_BIT_MODES:
+        pixels = np.round(np.asarray(image, dtype=np.float64) / 257.0)
+        image = PIL.Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="L")
+    return image.convert(mode)
 
 
 def image_grid(images: list[PIL.Image.Image], cols: int | None = None) -> PIL.Image.Image:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -59,14 +60,60 @@ class LatentSingleFileMixin(FromSingleFileMixin):
     `LatentPipeline.from_single_file("model.safetensors", config="my-pipeline")`.
     """
 
-    # No `from_single_file` override: diffusers' own serves any pipeline class. It takes `cls` itself unless `cls` is
+    # diffusers' own `from_single_file` serves any pipeline class. It takes `cls` itself unless `cls` is
     # DiffusionPipeline (pipelines/pipeline_loading_utils.py `_get_pipeline_class`), reads the components from the
     # `config=` folder's model_index.json and builds `cls(**components)`, filling optional components the folder does
     # not list (image_encoder, feature_extractor, safety_checker) with None (loaders/single_file.py, 0.42.1).
 
+    @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path, **kwargs):
+        """diffusers' `from_single_file`; a file whose weights do not fit the `config=` folder's models is refused in
+        one line naming the component and the first weight that differs (diffusers' message names neither).
+
+        Raises:
+            ValueError: the file does not fit the configs, or diffusers' own errors.
+        """
+        try:
+            return super().from_single_file(pretrained_model_link_or_path, **kwargs)
+        except ValueError as err:
+            message = config_mismatch(str(err), kwargs.get("config"))
+            if message is None:
+                raise
+            raise ValueError(message) from None
+
     def save_single_file(self, path: str | Path, half: bool = False) -> Path:
         """Write the pipeline's UNet, VAE and text encoder as one original-layout .safetensors file."""
         return write_single_file(self, path, half)
+
+
+# diffusers' message when a weight's shape differs from the model built from the config (the name it gives is empty).
+_SHAPE_MISMATCH = re.compile(
+    r"Cannot load .* because (\S+) expected shape torch\.Size\(\[([\d, ]*)\]\), but got torch\.Size\(\[([\d, ]*)\]\)"
+)
+
+
+def component_of(key: str) -> str:
+    """The pipeline component a diffusers-layout weight name belongs to (text encoder, VAE or UNet)."""
+    if key.startswith(("text_model.", "embeddings.", "encoder.layers.", "final_layer_norm.")):
+        return "text_encoder"
+    if key.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")):
+        return "vae"
+    return "unet"
+
+
+def config_mismatch(error: str, config) -> str | None:
+    """One line for diffusers' shape error when a single file does not fit the `config=` folder; None for others."""
+    match = _SHAPE_MISMATCH.search(error)
+    if match is None:
+        return None
+    key, expected, got = match.groups()
+    component = component_of(key)
+    where = f"{config}/{component}/config.json" if config else f"the {component} config diffusers chose"
+    return (
+        f"The file's {component} does not fit {where}: {key} is ({got}) in the file but ({expected}) in a model "
+        "built from that config. Pass config= the pipeline folder the file was exported from (or one of the same "
+        "structure)."
+    )
 
 
 # ----------------------------------------------------------------------------- structure checks

@@ -1,8 +1,9 @@
-"""Hostile-user probes of train/train_ldm.py: each ends in a clear error that names the value and the fix, or in a
-run that survives, and never in lost work or code run from a checkpoint.
+"""Hostile-user probes: each ends in a clear error that names the value and the fix, or in correct behaviour, and
+never in lost work, a silently wrong result or code run from a checkpoint.
 
-Probes of sampling and of the config alone live next to their code (tests/test_pipeline_io.py,
-tests/test_config.py); these launch the real script.
+The first rounds launch the real train/train_ldm.py (probes of sampling and of the config alone live next to their
+code: tests/test_pipeline_io.py, tests/test_config.py). "Round two" at the end holds one test per item of the
+second hostile-user pass (issue 19), sampling and command-line probes included, in-process where they can be.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
+import resource
 import shutil
 import signal
 import socket
@@ -18,12 +21,28 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import pytest
+import torch
+from huggingface_hub import constants as hf_constants
+from peft import LoraConfig
 from PIL import Image
 
+from ldm import LatentImg2ImgPipeline, LatentInpaintPipeline, LatentPipeline
+from ldm.cli import main as generate
+from ldm.encoding import tile_count
+from ldm.export import main as export
+from ldm.hub import check_hub_access
+from ldm.images import convert_mode
+from ldm.presets import build_pipeline
+from ldm.training.checkpoint import check_state_files
 from ldm.training.config import TrainConfig
+from ldm.training.data import build_train_and_heldout
 from ldm.training.integrity import write_manifest
+from ldm.training.lora import check_lora_rank, save_lora
 from ldm.training.sources import check_data_files
+from tests.conftest import LORA_UNET_TARGETS
 from tests.training_helpers import ROOT, launch, launch_command, launch_env, same_tensors, tensors
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
@@ -50,9 +69,22 @@ class MarkerPickle:
 # ----------------------------------------------------------------------------- nothing runs on resume
 
 
-def test_malicious_pickles_in_a_checkpoint_never_run(world, tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def three_steps(world, tmp_path_factory) -> Path:
+    """A finished 3-step run with EMA (its checkpoint-3 included), to copy and damage; never changed itself."""
+    out = tmp_path_factory.mktemp("three-steps") / "run"
     launch(world, out, "--use_ema", "--max_train_steps", "3", "--validation_steps", "100")
+    return out
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    """A private copy of a run folder (its lock file too: it is not held)."""
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_malicious_pickles_in_a_checkpoint_never_run(world, three_steps, tmp_path):
+    out = copy_run(three_steps, tmp_path)
     checkpoint = out / "checkpoint-3"
     marker = tmp_path / "marker"
     poisoned = [p for p in checkpoint.rglob("*") if p.suffix in (".pkl", ".bin")]
@@ -64,10 +96,13 @@ def test_malicious_pickles_in_a_checkpoint_never_run(world, tmp_path):
     # The files no longer match the manifest, so the checkpoint is refused, naming a bad file.
     assert result.returncode != 0 and f"Cannot resume from {checkpoint}" in result.stderr
     assert not marker.exists(), "a pickle in the checkpoint ran code on resume"
-    # Even with a manifest forged to match, accelerate unpickles with weights_only=True: refused, nothing runs.
+    # Even with a manifest forged to match, each file loads weights-only first: refused by name, nothing runs, and
+    # torch's advice to retry with weights_only=False (which would run the code) is never shown.
     write_manifest(checkpoint)
     result = launch(world, out, *resume, str(checkpoint), check=False)
-    assert result.returncode != 0 and "weights_only" in result.stderr
+    assert result.returncode != 0 and "is not a file accelerate wrote" in result.stderr
+    assert "never needs code to load" in result.stderr
+    assert "weights_only" not in result.stderr and "Traceback" not in result.stderr
     assert not marker.exists(), "a pickle in the checkpoint ran code on resume"
 
 
@@ -296,3 +331,316 @@ def test_fsdp_without_cuda_is_refused_before_it_silently_becomes_ddp(world, tmp_
     assert result.returncode != 0
     assert "train_ldm.py: FSDP needs CUDA GPUs" in result.stderr and "--multi_gpu" in result.stderr
     assert not (tmp_path / "run" / "checkpoint-3").exists()
+
+
+# ============================================================================= round two (issue 19)
+# Each test names its item: silent (1-4), confusing (5-13), slower than asked (14), overwrites (15).
+
+NAN = float("nan")
+
+
+def one_error_line(stderr: str, prog: str = "ldm-generate: error: ") -> str:
+    """The one line of a command's stderr that starts with `prog` (its error), asserting there was no traceback."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    (line,) = [line for line in stderr.splitlines() if line.startswith(prog)]
+    return line
+
+
+# ----------------------------------------------------------------------------- 1, 5: what accelerate unpickles
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("garbage", "random_states_0.pkl is not a file accelerate wrote"),
+        ("other dict", "random_states_0.pkl does not hold the random states accelerate saves"),
+        ("missing", "random_states_0.pkl is missing"),
+    ],
+)
+def test_1_unreadable_random_states_refuse_the_resume_naming_the_file(three_steps, tmp_path, damage, message):
+    # accelerate only logs "Could not load random states" at INFO and resumes, no longer exactly.
+    checkpoint = copy_run(three_steps, tmp_path) / "checkpoint-3"
+    states = checkpoint / "random_states_0.pkl"
+    if damage == "garbage":
+        states.write_bytes(b"not a pickle")
+    elif damage == "other dict":
+        torch.save({"step": 3}, states)
+    else:
+        states.unlink()
+    write_manifest(checkpoint)  # the manifest agrees: only the contents are wrong
+    with pytest.raises(ValueError, match=message):
+        check_state_files(checkpoint, process_index=0)
+
+
+@pytest.mark.parametrize("name", ["optimizer.bin", "scheduler.bin", "pytorch_model.bin"])
+def test_5_a_replaced_checkpoint_file_is_named_without_torchs_weights_only_advice(
+    three_steps, tmp_path, name
+):
+    checkpoint = copy_run(three_steps, tmp_path) / "checkpoint-3"
+    torch.save(
+        {"state": MarkerPickle(tmp_path / "marker")}, checkpoint / name
+    )  # torch's zip format, a code pickle
+    with pytest.raises(ValueError) as error:
+        check_state_files(checkpoint, process_index=0)
+    text = str(error.value)
+    assert f"{name} is not a file accelerate wrote (its pickle asks to run" in text
+    assert "never needs code to load" in text and "weights_only" not in text
+    assert not (tmp_path / "marker").exists()
+    check_state_files(three_steps / "checkpoint-3", process_index=0)  # an intact checkpoint passes
+
+
+# ----------------------------------------------------------------------------- 2, 3, 9, 13: sampling inputs
+
+
+@pytest.mark.parametrize(
+    ("call", "name"),
+    [
+        ({"latents": torch.full((1, 4, 8, 8), NAN)}, "latents"),
+        ({"prompt": None, "prompt_embeds": torch.full((1, 77, 32), float("inf"))}, "prompt_embeds"),
+        ({"mode": "img2img", "image": torch.full((1, 3, 16, 16), NAN)}, "image"),
+        ({"mode": "inpaint", "mask_image": np.full((16, 16), NAN)}, "mask_image"),
+        ({"mode": "inpaint", "image": np.full((16, 16, 3), NAN)}, "image"),
+    ],
+)
+def test_2_non_finite_inputs_are_refused_naming_the_argument(tiny_pipe, call, name):
+    pipes = {"txt2img": tiny_pipe, "img2img": LatentImg2ImgPipeline.from_pipe(tiny_pipe)}
+    pipes["inpaint"] = LatentInpaintPipeline.from_pipe(tiny_pipe)
+    call = {"prompt": "a red circle", "num_inference_steps": 2, "output_type": "np", **call}
+    mode = call.pop("mode", "txt2img")
+    if mode == "img2img":
+        call.setdefault("image", np.zeros((16, 16, 3)))
+    if mode == "inpaint":
+        call = {"image": np.zeros((16, 16, 3)), "mask_image": np.ones((16, 16)), **call}
+    with pytest.raises(ValueError, match=rf"^{name} has \d+ NaN or infinite values"):
+        pipes[mode](**call)
+
+
+def pil_in_mode(image: PIL.Image.Image, mode: str) -> PIL.Image.Image:
+    """`image` in a PIL mode: 16-bit greyscale as a PNG of it would open."""
+    if mode == "I;16":
+        return PIL.Image.fromarray(np.asarray(image.convert("L"), dtype=np.uint16) * 257)
+    return image.convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "CMYK", "L", "I;16", "P"])
+def test_3_pil_images_of_every_mode_are_pixels(tiny_pipe, mode):
+    # RGBA and CMYK were taken as 4-channel latents (an output twice the size); L, I;16, P failed in a convolution.
+    rng = np.random.default_rng(0)
+    rgb = PIL.Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    as_rgb = convert_mode(pil_in_mode(rgb, mode), "RGB")
+    if mode == "I;16":  # scaled to 8 bits, not clipped at 255
+        assert np.array_equal(np.asarray(as_rgb)[..., 0], np.asarray(rgb.convert("L")))
+    call = {"prompt": "a red circle", "num_inference_steps": 2, "output_type": "np", "strength": 0.5}
+    img2img, inpaint = LatentImg2ImgPipeline.from_pipe(tiny_pipe), LatentInpaintPipeline.from_pipe(tiny_pipe)
+    mask = pil_in_mode(PIL.Image.new("L", (16, 16), 255), mode)
+
+    def run(pipe, **images):
+        return pipe(**call, **images, generator=torch.Generator().manual_seed(0)).images
+
+    got = run(img2img, image=pil_in_mode(rgb, mode))
+    assert got.shape == (1, 16, 16, 3)
+    assert np.array_equal(got, run(img2img, image=as_rgb))
+    assert np.array_equal(
+        run(inpaint, image=pil_in_mode(rgb, mode), mask_image=mask),
+        run(inpaint, image=as_rgb, mask_image=mask.convert("L")),
+    )
+
+
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [((0, 0), "image is 0x0 (height x width); rounded down"), ((1000, 1), "image is 1x1000 (height x width); "
+     "rounded down to a multiple of the VAE scale factor 2 that is 0x1000")],
+)  # fmt: skip
+def test_9_images_too_small_for_the_vae_name_their_size_and_rounding(tiny_pipe, size, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LatentImg2ImgPipeline.from_pipe(tiny_pipe)("a red circle", image=PIL.Image.new("RGB", size))
+
+
+def test_13_large_images_go_through_the_vae_in_tiles_with_progress(tiny_pipe, capsys, caplog):
+    # 272 px on the 2x VAE: 136x136 latents, past the 128x128 that the VAE's mid-block attention handles in one pass.
+    tiny_pipe.set_progress_bar_config(disable=False)
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (272, 272, 3), dtype=np.uint8))
+    out = LatentImg2ImgPipeline.from_pipe(tiny_pipe)(
+        "a red circle", image=image, num_inference_steps=2, strength=0.5, output_type="np"
+    ).images
+    assert out.shape == (1, 272, 272, 3) and np.isfinite(out).all()
+    progress = capsys.readouterr().err
+    # Tiles of 64 latents, every 48 (diffusers' 0.25 overlap): 3 x 3 along 136 latents (272 px, every 96 px).
+    assert "VAE encode tiles: 100%" in progress and "9/9" in progress and "VAE decode tiles: 100%" in progress
+    assert "too large to encode in one pass" in caplog.text
+    assert not tiny_pipe.vae.use_tiling and tiny_pipe.vae.tile_sample_min_size == 16  # restored
+    assert tile_count(136, 64, 0.25) == 3
+
+
+# ----------------------------------------------------------------------------- 4: data
+
+
+def test_4_all_empty_captions_are_refused_and_some_are_counted(world, tmp_path, caplog):
+    mine = copy_world(world, tmp_path)
+    metadata = mine / "data" / "train" / "metadata.jsonl"
+    rows = [json.loads(line) for line in metadata.read_text().splitlines()]
+
+    def build(empty_rows: range):
+        lines = [
+            json.dumps({**row, "text": "" if i in empty_rows else row["text"]}) for i, row in enumerate(rows)
+        ]
+        metadata.write_text("\n".join(lines) + "\n")
+        config = TrainConfig(pretrained_model_name_or_path="m", train_data_dir=str(mine / "data"))
+        return build_train_and_heldout(config, seed=0, num_heldout=0)[0]
+
+    assert len(build(range(3))) == len(rows)  # kept, as unconditional examples, but reported
+    assert f"3 of {len(rows)} rows have an empty caption in column 'text'" in caplog.text
+    with pytest.raises(
+        ValueError, match=r"Every caption in column 'text' is empty .* check --caption_column"
+    ):
+        build(range(len(rows)))
+
+
+# ----------------------------------------------------------------------------- 6: disk full mid-checkpoint
+
+
+def test_6_a_checkpoint_that_cannot_be_written_is_removed_and_named(world, tmp_path):
+    out = tmp_path / "run"
+
+    def file_size_limit():  # 2 MB: the data and logs fit, the 4 MB UNet in checkpoint-1 does not (EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))
+
+    result = subprocess.run(
+        launch_command(world, out, "--max_train_steps", "2", "--checkpointing_steps", "1", "--validation_steps",
+                       "100"),
+        capture_output=True, text=True, env=launch_env(), timeout=300, preexec_fn=file_size_limit,
+    )  # fmt: skip
+    assert result.returncode != 0
+    line = one_error_line(result.stderr, "train_ldm.py: ")
+    assert line.startswith(f"train_ldm.py: Could not write checkpoint-1 in {out} (")
+    assert "GiB are free there" in line and "--resume_from_checkpoint latest" in line
+    assert not list(out.glob("checkpoint-*")), "a partial checkpoint was left behind"
+
+
+# ----------------------------------------------------------------------------- 7, 8: loading other people's files
+
+
+def test_7_a_missing_lora_and_a_lora_for_another_unet_get_one_line_each(tiny_pipe, saved_tiny_pipe, tokenizer_dir,
+                                                                        tmp_path, capsys):  # fmt: skip
+    for missing in (tmp_path / "nope", tmp_path / "nope.safetensors"):
+        with pytest.raises(ValueError, match=f"LoRA {missing}: no such file or folder"):
+            tiny_pipe.load_lora_weights(str(missing))
+    other = build_pipeline("small", tokenizer_dir, seed=0).unet  # wider layers than `tiny`
+    other.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=LORA_UNET_TARGETS, init_lora_weights=False)
+    )
+    config = TrainConfig(
+        pretrained_model_name_or_path="owner/small-base", output_dir=str(tmp_path), lora_rank=4
+    )
+    save_lora(other, config, tmp_path / "lora")
+    for path in (tmp_path / "lora", tmp_path / "lora" / "pytorch_lora_weights_kohya.safetensors"):
+        capsys.readouterr()
+        with pytest.raises(ValueError) as error:
+            tiny_pipe.load_lora_weights(str(path))
+        text = str(error.value)
+        assert "\n" not in text and "size mismatch" not in capsys.readouterr().err
+        assert (
+            "do not fit this UNet (block_out_channels=[32, 64]" in text and "is (4, 128) in the LoRA" in text
+        )
+        if path.suffix:  # the kohya file names its base (ss_sd_model_name)
+            assert "was trained for owner/small-base" in text
+        assert not tiny_pipe.get_list_adapters()["unet"]  # a failed load leaves no adapter behind
+    # ldm-generate: exit 2 with one line, where it exited 1 with the whole list.
+    with pytest.raises(SystemExit) as exit_info:
+        generate([*GENERATE, "--model", str(saved_tiny_pipe), "--out", str(tmp_path / "x.png"), "--lora",
+                  str(tmp_path / "lora")])  # fmt: skip
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "size mismatch" not in stderr
+    assert one_error_line(stderr).startswith(f"ldm-generate: error: --lora {tmp_path / 'lora'}: LoRA")
+
+
+def test_8_from_single_file_with_a_config_that_does_not_fit_names_the_component(tokenizer_dir, tmp_path):
+    build_pipeline("tiny-sd", tokenizer_dir, seed=0).save_single_file(tmp_path / "model.safetensors")
+    build_pipeline("tiny", tokenizer_dir, seed=0).save_pretrained(tmp_path / "tiny")
+    with pytest.raises(ValueError) as error:
+        LatentPipeline.from_single_file(tmp_path / "model.safetensors", config=str(tmp_path / "tiny"),
+                                        local_files_only=True)  # fmt: skip
+    text = str(error.value)
+    assert text.startswith(f"The file's unet does not fit {tmp_path / 'tiny'}/unet/config.json: ")
+    assert re.search(r"time_embedding\.linear_1\.weight is \(\d+, \d+\) in the file but \(\d+, \d+\)", text)
+
+
+# ----------------------------------------------------------------------------- 10, 15: ldm-generate and ldm-export
+
+GENERATE = ["a red circle", "--steps", "1"]
+
+
+@pytest.mark.parametrize(
+    ("out", "extra", "message"),
+    [
+        ("result.txt", [], "--out {out}: .txt is not an image format; use .png (or .jpg, .webp)."),
+        ("existing.png", [], "--out {out} exists; pass --overwrite to replace it, or choose another name."),
+    ],
+)
+def test_10_15_ldm_generate_checks_out_before_loading_a_model(tmp_path, capsys, out, extra, message):
+    out = tmp_path / out
+    PIL.Image.new("RGB", (4, 4)).save(tmp_path / "existing.png")
+    before = (tmp_path / "existing.png").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:  # a model folder that does not exist: never reached
+        generate([*GENERATE, "--model", str(tmp_path / "no-model"), "--out", str(out), *extra])
+    assert exit_info.value.code == 2
+    assert one_error_line(capsys.readouterr().err) == f"ldm-generate: error: {message.format(out=out)}"
+    assert (tmp_path / "existing.png").read_bytes() == before
+
+
+def test_15_overwrite_replaces_and_ldm_export_refuses_an_existing_file(saved_tiny_pipe, tmp_path, capsys):
+    out = tmp_path / "existing.png"
+    PIL.Image.new("RGB", (4, 4)).save(out)
+    generate([*GENERATE, "--model", str(saved_tiny_pipe), "--out", str(out), "--overwrite"])
+    assert PIL.Image.open(out).size == (16, 16)
+    target = tmp_path / "existing.safetensors"
+    target.write_bytes(b"someone's file")
+    with pytest.raises(SystemExit) as exit_info:
+        export([str(saved_tiny_pipe), str(target)])
+    assert exit_info.value.code == 2 and target.read_bytes() == b"someone's file"
+    assert one_error_line(capsys.readouterr().err, "ldm-export: error: ").endswith(f"OUT {target} exists; pass --overwrite to replace it, "
+                                                            "or choose another name.")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- 11, 12: training settings
+
+
+def test_11_push_to_hub_offline_fails_at_start_up(world, tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        launch_command(world, out, "--push_to_hub", "--hub_model_id", "me/tiny-ldm"),
+        capture_output=True, text=True, env=launch_env({"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_fake"}), timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert one_error_line(result.stderr, "train_ldm.py: ").startswith(
+        "train_ldm.py: --push_to_hub, but HF_HUB_OFFLINE is set"
+    )
+    assert not list(out.glob("checkpoint-*"))
+
+
+def test_11_push_to_hub_without_a_token_or_the_hub_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    with pytest.raises(
+        ValueError, match="--push_to_hub needs a Hub token with write access: run `hf auth login`"
+    ):
+        check_hub_access("me/tiny-ldm")
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_token_0123")
+    monkeypatch.setattr(hf_constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: unreachable
+    with pytest.raises(ValueError) as error:
+        check_hub_access("me/tiny-ldm")
+    assert str(error.value).startswith("--push_to_hub: cannot create or reach me/tiny-ldm on the Hub (")
+    assert "hf_fake_token_0123" not in str(error.value)
+
+
+def test_12_a_lora_rank_above_the_narrowest_adapted_layer_is_refused(world):
+    config = TrainConfig(pretrained_model_name_or_path=str(world / "base"), lora_rank=100000)
+    with pytest.raises(ValueError, match=r"lora_rank=100000 is above the width of the narrowest layer it adapts "
+                                         r"\(.*to_k: 32\)"):  # fmt: skip
+        check_lora_rank(config)
+    config.lora_rank = 32
+    check_lora_rank(config)
+    config.lora_target_modules = ["to_nothing"]
+    with pytest.raises(ValueError, match="match no linear layer"):
+        check_lora_rank(config)

@@ -54,6 +54,7 @@ from ldm.training.run import (
     make_optimizer,
     prepare_tracking,
     prepare_trained_model,
+    stopping_in_one_line,
 )
 from ldm.training.validation import validate, validation_sizes
 
@@ -168,10 +169,11 @@ def main(argv: list[str] | None = None) -> None:
             validation_sizes(config.resolution, buckets), controls,
         )  # fmt: skip
 
-    result = train_loop(
-        accelerator, config, loader, controlnet, optimizer, lr_scheduler, start, controlnet_loss, checkpoint,
-        validation, ema,
-    )  # fmt: skip
+    with stopping_in_one_line(PROG):
+        result = train_loop(
+            accelerator, config, loader, controlnet, optimizer, lr_scheduler, start, controlnet_loss, checkpoint,
+            validation, ema,
+        )  # fmt: skip
 
     # Save the ControlNet (EMA weights when EMA is on) as a ControlNetModel folder, as diffusers' script does.
     def save(trained: ControlNetModel, stats: dict) -> None:

@@ -34,7 +34,7 @@ from ldm.training.data import default_num_workers
 from ldm.training.distributed import finish, use_gloo_without_cuda, weight_dtype_for
 from ldm.training.encoders import CachedBatchEncoder, LiveBatchEncoder
 from ldm.training.loop import train_loop
-from ldm.training.lora import add_lora, trainable_parameters
+from ldm.training.lora import add_lora, check_lora_rank, trainable_parameters
 from ldm.training.loss import training_loss
 from ldm.training.run import (
     check_run_sources,
@@ -48,6 +48,7 @@ from ldm.training.run import (
     make_optimizer,
     prepare_tracking,
     prepare_trained_model,
+    stopping_in_one_line,
 )
 from ldm.training.validation import validate, validation_sizes
 
@@ -57,6 +58,8 @@ from ldm.training.validation import validate, validation_sizes
 def check_startup(config: TrainConfig) -> None:
     """What can be checked before any model loads: trackers, the data files, the base model's location."""
     check_run_sources(config)
+    if config.lora_rank is not None:
+        check_lora_rank(config)
     # The single-file layout fits SD 1.x's structure only: know it before training (a Hub base: at the final save).
     if config.export_single_file:
         base = Path(config.pretrained_model_name_or_path)
@@ -150,10 +153,11 @@ def main(argv: list[str] | None = None) -> None:
             validation_sizes(config.resolution, buckets),
         )  # fmt: skip
 
-    result = train_loop(
-        accelerator, config, loader, unet, optimizer, lr_scheduler, start, unet_loss, checkpoint, validation,
-        ema_unet,
-    )  # fmt: skip
+    with stopping_in_one_line("train_ldm.py"):
+        result = train_loop(
+            accelerator, config, loader, unet, optimizer, lr_scheduler, start, unet_loss, checkpoint, validation,
+            ema_unet,
+        )  # fmt: skip
 
     # Save the final pipeline (EMA weights when EMA is on).
     def save(trained: UNet2DConditionModel, stats: dict) -> None:

@@ -9,9 +9,8 @@ import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
 
-from ldm.checks import (
-    check_strength,
-)
+from ldm.checks import as_pixels, check_strength
+from ldm.encoding import vae_tiles
 from ldm.pipelines.controlnet import LatentControlNetPipeline, default_size
 from ldm.pipelines.img2img import LatentImg2ImgPipeline
 from ldm.pipelines.text_to_image import LatentPipelineOutput
@@ -79,6 +78,7 @@ class LatentControlNetImg2ImgPipeline(LatentControlNetPipeline, LatentImg2ImgPip
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         tensor_inputs = list(callback_on_step_end_tensor_inputs or ["latents"])
+        image = as_pixels(image, "image", self.vae_scale_factor)
         height, width = default_size(image, height, width, self.vae_scale_factor)
 
         # 1. Check inputs
@@ -117,10 +117,12 @@ class LatentControlNetImg2ImgPipeline(LatentControlNetPipeline, LatentImg2ImgPip
 
         # 5. Encode the image and noise it to x_t at the first remaining timestep
         if latents is None:
-            latents = self.prepare_latents(
-                image, timesteps[:1].repeat(total), batch_size, num_images_per_prompt, context.dtype,
-                self._execution_device, generator,
-            )  # fmt: skip
+            f = self.vae_scale_factor
+            with vae_tiles(self, "encode", (height // f, width // f), total):
+                latents = self.prepare_latents(
+                    image, timesteps[:1].repeat(total), batch_size, num_images_per_prompt, context.dtype,
+                    self._execution_device, generator,
+                )  # fmt: skip
 
         # 6. Denoise x_t -> x_0, the ControlNets' residuals added inside the UNet
         latents = self.denoise(

@@ -93,7 +93,7 @@ class LatentControlNetInpaintPipeline(LatentControlNetPipeline, LatentInpaintPip
         height, width = default_size(image, height, width, self.vae_scale_factor)
 
         # 1. Check inputs
-        self.check_images(image, mask_image, strength, padding_mask_crop, output_type)
+        image, mask_image = self.check_images(image, mask_image, strength, padding_mask_crop, output_type)
         batch_size = self.check_inputs(
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, 0.0, eta,
             num_images_per_prompt, generator, latents, prompt_embeds, negative_prompt_embeds, output_type,

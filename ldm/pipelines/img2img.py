@@ -14,7 +14,8 @@ from diffusers import StableDiffusionImg2ImgPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
 
-from ldm.checks import check_strength, image_hw
+from ldm.checks import as_pixels, check_finite, check_strength, image_hw
+from ldm.encoding import vae_tiles
 from ldm.pipelines.text_to_image import LatentPipeline, LatentPipelineOutput
 
 
@@ -33,7 +34,8 @@ class LatentImg2ImgPipeline(LatentPipeline):
     def preprocess_image(self, image: PipelineImageInput) -> tuple[torch.Tensor, int, int]:
         """Step 0: the image as a (B, 3, H, W) tensor in [-1, 1] (H, W rounded to the VAE factor), H and W.
 
-        A tensor with the VAE's latent channels is taken as latents already, as diffusers does.
+        A tensor with the VAE's latent channels is taken as latents already, as diffusers does; a PIL image is
+        always pixels (converted to RGB).
         """
         image_hw(image)  # a clear TypeError for anything that is not an image
         if (
@@ -41,8 +43,9 @@ class LatentImg2ImgPipeline(LatentPipeline):
             and image.ndim == 4
             and image.shape[1] == self.vae.config.latent_channels
         ):
+            check_finite("image", image)
             return image, image.shape[2] * self.vae_scale_factor, image.shape[3] * self.vae_scale_factor
-        image = self.image_processor.preprocess(image)
+        image = self.image_processor.preprocess(as_pixels(image, "image", self.vae_scale_factor))
         return image, image.shape[2], image.shape[3]
 
     def prepare_strength_timesteps(
@@ -123,10 +126,12 @@ class LatentImg2ImgPipeline(LatentPipeline):
         )
 
         # 4. Encode the image and noise it to x_t at the first remaining timestep
-        latents = self.prepare_latents(
-            image, timesteps[:1].repeat(total), batch_size, num_images_per_prompt, context.dtype,
-            self._execution_device, generator,
-        )  # fmt: skip
+        f = self.vae_scale_factor
+        with vae_tiles(self, "encode", (height // f, width // f), total):
+            latents = self.prepare_latents(
+                image, timesteps[:1].repeat(total), batch_size, num_images_per_prompt, context.dtype,
+                self._execution_device, generator,
+            )  # fmt: skip
 
         # 5. Denoise x_t -> x_0
         latents = self.denoise(

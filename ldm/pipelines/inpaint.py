@@ -20,7 +20,8 @@ from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from ldm.checks import check_mask_fits, check_strength, image_hw
+from ldm.checks import as_pixels, check_mask_fits, check_strength
+from ldm.encoding import vae_tiles
 from ldm.pipelines.img2img import LatentImg2ImgPipeline
 from ldm.pipelines.text_to_image import LatentPipelineOutput
 
@@ -102,10 +103,14 @@ class LatentInpaintPipeline(LatentImg2ImgPipeline):
 
     # ------------------------------------------------------------------ steps 1 and 4
 
-    def check_images(self, image, mask_image, strength, padding_mask_crop, output_type) -> None:
-        """Step 1 for the images: types, matching sizes, strength, and what padding_mask_crop needs."""
+    def check_images(self, image, mask_image, strength, padding_mask_crop, output_type) -> tuple:
+        """Step 1 for the images: types, matching sizes, finite values, strength, and what padding_mask_crop needs.
+
+        Returns (image, mask_image), PIL images converted to RGB and L.
+        """
         check_strength(strength)
-        image_hw(image)
+        image = as_pixels(image, "image", self.vae_scale_factor)
+        mask_image = as_pixels(mask_image, "mask_image", self.vae_scale_factor, mode="L")
         check_mask_fits(image, mask_image)
         if padding_mask_crop is not None:
             if not isinstance(padding_mask_crop, int) or padding_mask_crop < 0:
@@ -118,6 +123,7 @@ class LatentInpaintPipeline(LatentImg2ImgPipeline):
                     "padding_mask_crop pastes the result back onto the original, so it needs a PIL image and "
                     "mask_image and output_type='pil'; pass those or padding_mask_crop=None."
                 )
+        return image, mask_image
 
     def prepare_inpaint_latents(
         self, image, mask_image, masked_image_latents, height, width, padding_mask_crop, strength, timesteps,
@@ -134,20 +140,22 @@ class LatentInpaintPipeline(LatentImg2ImgPipeline):
         init_image = self.image_processor.preprocess(
             image, height=height, width=width, crops_coords=crops, resize_mode=resize_mode
         ).to(dtype=torch.float32)
-        outputs = self.prepare_latents(
-            total, self.vae.config.latent_channels, height, width, dtype, self._execution_device, generator,
-            latents, image=init_image, timestep=timesteps[:1].repeat(total), is_strength_max=strength == 1.0,
-            return_noise=True, return_image_latents=not self.is_inpainting_unet,
-        )  # fmt: skip
-        latents, noise = outputs[:2]
-        mask = self.mask_processor.preprocess(
-            mask_image, height=height, width=width, resize_mode=resize_mode, crops_coords=crops
-        )
-        masked = init_image * (mask < 0.5) if masked_image_latents is None else masked_image_latents
-        mask, masked_image_latents = self.prepare_mask_latents(
-            mask, masked, total, height, width, dtype, self._execution_device, generator,
-            self.do_classifier_free_guidance,
-        )  # fmt: skip
+        f = self.vae_scale_factor
+        with vae_tiles(self, "encode", (height // f, width // f), total):
+            outputs = self.prepare_latents(
+                total, self.vae.config.latent_channels, height, width, dtype, self._execution_device, generator,
+                latents, image=init_image, timestep=timesteps[:1].repeat(total), is_strength_max=strength == 1.0,
+                return_noise=True, return_image_latents=not self.is_inpainting_unet,
+            )  # fmt: skip
+            latents, noise = outputs[:2]
+            mask = self.mask_processor.preprocess(
+                mask_image, height=height, width=width, resize_mode=resize_mode, crops_coords=crops
+            )
+            masked = init_image * (mask < 0.5) if masked_image_latents is None else masked_image_latents
+            mask, masked_image_latents = self.prepare_mask_latents(
+                mask, masked, total, height, width, dtype, self._execution_device, generator,
+                self.do_classifier_free_guidance,
+            )  # fmt: skip
         self._step_state = {"mask": mask, "masked_image_latents": masked_image_latents}
         self._known = None if self.is_inpainting_unet else (outputs[2], noise)
         return latents, crops
@@ -208,7 +216,7 @@ class LatentInpaintPipeline(LatentImg2ImgPipeline):
         tensor_inputs = list(callback_on_step_end_tensor_inputs or ["latents"])
 
         # 1. Check inputs
-        self.check_images(image, mask_image, strength, padding_mask_crop, output_type)
+        image, mask_image = self.check_images(image, mask_image, strength, padding_mask_crop, output_type)
         batch_size = self.check_inputs(
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, 0.0, eta,
             num_images_per_prompt, generator, latents, prompt_embeds, negative_prompt_embeds, output_type,

@@ -14,7 +14,7 @@ from pathlib import Path
 from diffusers.configuration_utils import FrozenDict
 from diffusers.utils import logging
 
-from ldm.checks import check_components_fit, check_pipeline_folder
+from ldm.checks import check_components_fit, check_lora_source, check_pipeline_folder, lora_mismatch
 from ldm.hub import upload_pipeline
 from ldm.tokenizer import write_vocab_files
 
@@ -48,6 +48,11 @@ def fix_legacy_scheduler(scheduler):
         )
         scheduler._internal_dict = FrozenDict({**scheduler.config, **fixes})
     return scheduler
+
+
+def _drop_size_mismatches(record) -> bool:
+    """A logging filter: False (drop) for diffusers' log of a LoRA's size mismatches."""
+    return "size mismatch" not in record.getMessage()
 
 
 class PipelineLoadingMixin:
@@ -132,6 +137,33 @@ class PipelineLoadingMixin:
         return upload_pipeline(
             self, repo_id, commit_message=commit_message, private=private, token=token, model_card=model_card
         )
+
+    def load_lora_weights(
+        self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None, **kwargs
+    ):
+        """diffusers' `load_lora_weights` (diffusers and kohya files, Hub ids), with one-line errors where diffusers
+        gives a misleading one (a missing path: "you must specify a weight_name") or dozens of lines (a LoRA made
+        for another UNet: one size mismatch per tensor). A failed load leaves the pipeline without the adapter.
+
+        Raises:
+            ValueError: the path does not exist, or the LoRA does not fit this UNet (naming the base it was made for
+                and the first layer that differs).
+        """
+        check_lora_source(pretrained_model_name_or_path_or_dict, kwargs.get("weight_name"))
+        # diffusers logs the whole mismatch list before raising it; the one-line error below replaces both.
+        peft_logger = logging.get_logger("diffusers.loaders.peft")
+        peft_logger.addFilter(_drop_size_mismatches)
+        try:
+            super().load_lora_weights(
+                pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs
+            )
+        except RuntimeError as err:
+            message = lora_mismatch(pretrained_model_name_or_path_or_dict, str(err), self.unet)
+            if message is None:
+                raise
+            raise ValueError(message) from None
+        finally:
+            peft_logger.removeFilter(_drop_size_mismatches)
 
     def enable_xformers_memory_efficient_attention(self, attention_op: Callable | None = None) -> None:
         """Use xformers attention (CUDA only); PyTorch SDPA, the default, needs no call.

@@ -35,7 +35,7 @@ from ldm.checks import (
     check_prompts,
     check_schedule_inputs,
 )
-from ldm.encoding import encode_text, unscale_latents, vae_scale_factor
+from ldm.encoding import encode_text, unscale_latents, vae_scale_factor, vae_tiles
 from ldm.guidance import classifier_free_guidance, rescale_guidance
 from ldm.pipelines.loading import PipelineLoadingMixin, fix_legacy_scheduler
 from ldm.single_file import LatentSingleFileMixin
@@ -377,7 +377,8 @@ class LatentPipeline(
         if output_type == "latent":
             return latents
         z = unscale_latents(latents, self.vae)
-        images = self.vae.decode(z.to(self.vae.dtype), return_dict=False, generator=generator)[0]
+        with vae_tiles(self, "decode", z.shape[-2:], len(z)):
+            images = self.vae.decode(z.to(self.vae.dtype), return_dict=False, generator=generator)[0]
         return self.image_processor.postprocess(
             images, output_type=output_type, do_denormalize=[True] * len(images)
         )

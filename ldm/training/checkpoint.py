@@ -14,15 +14,19 @@ import json
 import logging
 import re
 import shutil
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedType
 from accelerate.logging import get_logger
+from accelerate.utils import RNG_STATE_NAME
+from accelerate.utils import load as load_pickled
 from diffusers import DDIMScheduler, UNet2DConditionModel
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ldm.hub import model_card_text, push_folder
@@ -110,6 +114,74 @@ def resolve_resume_path(resume_from_checkpoint: str | None, output_dir: str | Pa
             "checkpoint instead."
         )
     return path
+
+
+# What accelerate's random states file holds; it loads that file inside a try that only logs "Could not load random
+# states" at INFO on any error (accelerate 1.15 checkpointing.py), and the resume is then silently not exact.
+RANDOM_STATE_KEYS = {"random_state", "numpy_random_seed", "torch_manual_seed"}
+
+
+def _load_failure(err: Exception) -> str:
+    """Why torch could not load a file, without torch's advice to retry with weights_only=False (which would run
+    whatever code the file holds)."""
+    text = str(err).strip()
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused:
+        return f"its pickle asks to run {refused.group(1)}"
+    if "weights_only" in text:  # torch's own reason follows "WeightsUnpickler error:"
+        reason = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+        return (
+            f"not a tensor file torch.save wrote: {reason[0]}"
+            if "WeightsUnpickler" in text
+            else "not loadable"
+        )
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _load_state_file(file: Path):
+    """`file` as accelerate loads it (weights only, its safe globals), memory-mapped when it is in torch's zip format;
+    a legacy pickle is loaded whole (still weights only), so that its error says what it holds. torch's warnings about
+    the pickle's protocol are silenced: the error, if any, says what matters."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return load_pickled(file, map_location="cpu", mmap=True)
+        except RuntimeError as err:
+            if "mmap can only be used" not in str(err):
+                raise
+            return load_pickled(file, map_location="cpu")
+
+
+def check_state_files(path: Path, process_index: int) -> None:
+    """Every file accelerate unpickles on resume loads as it will then (weights only, memory-mapped: cheap even for a
+    large optimizer state), and this process's random states are there and complete.
+
+    Raises:
+        ValueError: naming the file and what is wrong with it.
+    """
+    random_states = path / f"{RNG_STATE_NAME}_{process_index}.pkl"
+    if not random_states.is_file():
+        raise ValueError(
+            f"Cannot resume from {path}: {random_states.name} is missing, so process {process_index}'s random "
+            "states would not be restored and the resume would not be exact. Resume with the number of processes "
+            "that saved it, or from another checkpoint."
+        )
+    for file in sorted(path.glob("*.bin")) + sorted(path.glob("*.pkl")):
+        try:
+            state = _load_state_file(file)
+        except Exception as err:  # any failure: the message below replaces torch's advice
+            raise ValueError(
+                f"Cannot resume from {path}: {file.name} is not a file accelerate wrote ({_load_failure(err)}). A "
+                "checkpoint never needs code to load, so it is not loaded; resume from another checkpoint."
+            ) from None
+        if file.name.startswith(RNG_STATE_NAME) and not (
+            isinstance(state, dict) and RANDOM_STATE_KEYS <= state.keys()
+        ):
+            raise ValueError(
+                f"Cannot resume from {path}: {file.name} does not hold the random states accelerate saves "
+                f"({', '.join(sorted(RANDOM_STATE_KEYS))}), so the resume would not be exact; resume from another "
+                "checkpoint."
+            )
 
 
 # ----------------------------------------------------------------------------- EMA weights, without pickle
@@ -326,6 +398,29 @@ class CheckpointUploader:
                 logger.warning(f"Hub upload of {key} failed: {err}", main_process_only=True)
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, a file-size limit); the message says where and how to go on."""
+
+
+@contextmanager
+def writing(partial: Path, output_dir: Path) -> Iterator[None]:
+    """Turn a failed write into a `CheckpointWriteError` naming the folder and its free space, with the partial
+    folder removed (a crash mid-save leaves it for the next save to clear; an error need not)."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        free = shutil.disk_usage(output_dir).free
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        last = complete_checkpoints(output_dir)
+        raise CheckpointWriteError(
+            f"Could not write {partial.name.removesuffix(PARTIAL_SUFFIX)} in {output_dir} ({reason}); "
+            f"{free / 2**30:.2f} GiB are free there. The partial folder was removed. Free some space (or lower "
+            f"--checkpoints_total_limit), then resume with --resume_from_checkpoint latest (the newest complete "
+            f"checkpoint is {last[-1].name if last else 'none yet: the run starts over'})."
+        ) from None
+
+
 def save_checkpoint(
     accelerator: Accelerator,
     config: TrainConfig,
@@ -342,17 +437,19 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     partial = partial or Path(config.output_dir) / f"checkpoint-{position.global_step}{PARTIAL_SUFFIX}"
     if save_all or accelerator.is_main_process:
-        accelerator.save_state(str(partial))
+        with writing(partial, Path(config.output_dir)):
+            accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()  # every rank's part of the state is on disk before the folder is renamed
     trained = full_model(accelerator, model)
     if accelerator.is_main_process:
-        upload_folder = export.save(trained, config, partial)
-        save_config(config, partial / "config.yaml")
-        position.save(partial)
-        (partial / RUN_FILE).write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
-        if export.ema is not None:
-            save_ema(export.ema, partial / EMA_FILE)
-        write_manifest(partial)  # last: a folder with a manifest that verifies is complete
+        with writing(partial, Path(config.output_dir)):
+            upload_folder = export.save(trained, config, partial)
+            save_config(config, partial / "config.yaml")
+            position.save(partial)
+            (partial / RUN_FILE).write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+            if export.ema is not None:
+                save_ema(export.ema, partial / EMA_FILE)
+            write_manifest(partial)  # last: a folder with a manifest that verifies is complete
         final = finalize(partial)
         logger.info(f"Saved {final}")
         if uploader is not None:

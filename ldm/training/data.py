@@ -398,19 +398,34 @@ def build_train_and_heldout(
 
 
 def _drop_bad_captions(dataset: datasets.Dataset, caption_column: str) -> datasets.Dataset:
-    """The rows whose caption is a string or a non-empty list of strings; the others are counted and logged."""
-    bad = []
+    """The rows whose caption is a string or a non-empty list of strings; the others are counted and logged.
+
+    Empty captions ("" or only spaces) are kept, as unconditional examples like caption dropout's, but counted and
+    reported; a dataset whose every caption is empty is refused (it would train an unconditional model without a
+    word, usually because caption_column names the wrong column).
+    """
+    bad, empty = [], 0
     for index, caption in enumerate(dataset[caption_column]):
         try:
-            caption_list(caption, index)
+            empty += not any(text.strip() for text in caption_list(caption, index))
         except ValueError as error:
             bad.append((index, error))
-    if not bad:
-        return dataset
     if len(bad) == len(dataset):
         raise ValueError(
             f"No row of the dataset has a usable caption in column {caption_column!r}: {bad[0][1]}"
         )
+    if empty == len(dataset) - len(bad):
+        raise ValueError(
+            f"Every caption in column {caption_column!r} is empty ({empty} rows), so the model would learn no text; "
+            f"check --caption_column (the dataset's columns: {dataset.column_names})."
+        )
+    if empty:
+        logger.warning(
+            "%d of %d rows have an empty caption in column %r; they train as unconditional examples.",
+            empty, len(dataset), caption_column,
+        )  # fmt: skip
+    if not bad:
+        return dataset
     logger.warning(
         "Skipping %d of %d rows without a usable caption (first: %s)", len(bad), len(dataset), bad[0][1]
     )

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,9 +24,15 @@ from diffusers.training_utils import EMAModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.checks import check_local_or_hub
+from ldm.hub import check_hub_access
 from ldm.presets import sd_scheduler
 from ldm.training.buckets import BucketBatchSampler
-from ldm.training.checkpoint import CheckpointUploader, resolve_resume_path
+from ldm.training.checkpoint import (
+    CheckpointUploader,
+    CheckpointWriteError,
+    check_state_files,
+    resolve_resume_path,
+)
 from ldm.training.config import TrainConfig
 from ldm.training.data import TrainDataset, TrainLoader, build_train_and_heldout, collate_fn
 from ldm.training.distributed import check_replicas_in_sync, full_model, setup_logging, total_over_processes
@@ -41,6 +48,16 @@ NUM_VALIDATION_LOSS_SAMPLES = 8
 
 
 # ----------------------------------------------------------------------------- start-up, before any model loads
+
+
+@contextmanager
+def stopping_in_one_line(prog: str) -> Iterator[None]:
+    """A run that stops for a reason the user acts on (the loss became NaN, a checkpoint could not be written) exits
+    with that reason as one line, not a traceback."""
+    try:
+        yield
+    except (FloatingPointError, CheckpointWriteError) as err:
+        raise SystemExit(f"{prog}: {err}") from None
 
 
 def check_trackers(report_to: str) -> None:
@@ -93,17 +110,28 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         accelerator.mixed_precision
     )  # what trains, whether the flag or accelerate chose it
     setup_logging(accelerator)
+    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu":
+        logger.warning(
+            "--mixed_precision bf16 without a CUDA GPU: on CPUs it trains slower than fp32, not faster (a `small` UNet "
+            "step measured 0.12x-0.37x of fp32 even with AMX-BF16; see the bf16 row of "
+            "benchmarks/train_throughput.py). Use --mixed_precision no unless you measured otherwise.",
+            main_process_only=True,
+        )
     return accelerator
 
 
 def claim_run(accelerator: Accelerator, config: TrainConfig) -> Path | None:
-    """Lock the output folder for this run and find the checkpoint to resume, if any."""
+    """Lock the output folder for this run, check that a Hub push can happen, and find the checkpoint to resume."""
     output_dir = Path(config.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         lock_output_dir(output_dir)
+        if config.push_to_hub:
+            check_hub_access(config.hub_model_id)
     accelerator.wait_for_everyone()
     path = resolve_resume_path(config.resume_from_checkpoint, output_dir)
+    if path is not None:
+        check_state_files(path, accelerator.process_index)
     if path is None and config.resume_from_checkpoint:
         logger.info(f"No checkpoint in {output_dir} yet; starting a new run.")
     return path

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ldm.images import convert_mode
 from ldm.training.buckets import cover_size, crop_box
 from ldm.training.config import TrainConfig
 
@@ -90,7 +91,7 @@ def _upright_rgb(image: Image.Image) -> Image.Image:
     """Apply the EXIF orientation if any, then convert (and so fully decode) to RGB."""
     if image.getexif().get(Image.ExifTags.Base.Orientation) is not None:
         image = ImageOps.exif_transpose(image)
-    return image.convert("RGB")
+    return convert_mode(image, "RGB")
 
 
 def resized_size(image_size: tuple[int, int], resolution: int) -> tuple[int, int]:
