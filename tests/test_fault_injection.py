@@ -499,7 +499,8 @@ def test_4_all_empty_captions_are_refused_and_some_are_counted(world, tmp_path, 
 # ----------------------------------------------------------------------------- 6: disk full mid-checkpoint
 
 
-def test_6_a_checkpoint_that_cannot_be_written_is_removed_and_named(world, tmp_path):
+def test_6_14_a_checkpoint_that_cannot_be_written_is_removed_and_named(world, tmp_path):
+    # (Item 14 rides on this launch: bf16 on a CPU is warned about at start-up.)
     out = tmp_path / "run"
 
     def file_size_limit():  # 2 MB: the data and logs fit, the 4 MB UNet in checkpoint-1 does not (EFBIG)
@@ -507,7 +508,7 @@ def test_6_a_checkpoint_that_cannot_be_written_is_removed_and_named(world, tmp_p
 
     result = subprocess.run(
         launch_command(world, out, "--max_train_steps", "2", "--checkpointing_steps", "1", "--validation_steps",
-                       "100"),
+                       "100", "--mixed_precision", "bf16"),
         capture_output=True, text=True, env=launch_env(), timeout=300, preexec_fn=file_size_limit,
     )  # fmt: skip
     assert result.returncode != 0
@@ -515,6 +516,7 @@ def test_6_a_checkpoint_that_cannot_be_written_is_removed_and_named(world, tmp_p
     assert line.startswith(f"train_ldm.py: Could not write checkpoint-1 in {out} (")
     assert "GiB are free there" in line and "--resume_from_checkpoint latest" in line
     assert not list(out.glob("checkpoint-*")), "a partial checkpoint was left behind"
+    assert "--mixed_precision bf16 without a CUDA GPU: on CPUs it trains slower than fp32" in result.stderr
 
 
 # ----------------------------------------------------------------------------- 7, 8: loading other people's files

@@ -112,9 +112,9 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     setup_logging(accelerator)
     if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu":
         logger.warning(
-            "--mixed_precision bf16 without a CUDA GPU: on CPUs it trains slower than fp32, not faster (a `small` UNet "
-            "step measured 0.12x-0.37x of fp32 even with AMX-BF16; see the bf16 row of "
-            "benchmarks/train_throughput.py). Use --mixed_precision no unless you measured otherwise.",
+            "--mixed_precision bf16 without a CUDA GPU: on CPUs it trains slower than fp32, not faster (0.08x of fp32 "
+            "on an AVX2 CPU, 0.12x-0.37x for a `small` UNet step even with AMX-BF16; the bf16 row of "
+            "benchmarks/train_throughput.py measures yours). Use --mixed_precision no unless you measured otherwise.",
             main_process_only=True,
         )
     return accelerator
