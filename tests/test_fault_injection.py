@@ -36,10 +36,9 @@ from ldm.export import main as export
 from ldm.hub import check_hub_access
 from ldm.images import convert_mode
 from ldm.presets import build_pipeline
-from ldm.training.checkpoint import check_state_files
 from ldm.training.config import TrainConfig
 from ldm.training.data import build_train_and_heldout
-from ldm.training.integrity import write_manifest
+from ldm.training.integrity import check_state_files, write_manifest
 from ldm.training.lora import check_lora_rank, save_lora
 from ldm.training.sources import check_data_files
 from tests.conftest import LORA_UNET_TARGETS

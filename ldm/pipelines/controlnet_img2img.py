@@ -10,7 +10,6 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
 
 from ldm.checks import as_pixels, check_strength
-from ldm.encoding import vae_tiles
 from ldm.pipelines.controlnet import LatentControlNetPipeline, default_size
 from ldm.pipelines.img2img import LatentImg2ImgPipeline
 from ldm.pipelines.text_to_image import LatentPipelineOutput
@@ -117,12 +116,9 @@ class LatentControlNetImg2ImgPipeline(LatentControlNetPipeline, LatentImg2ImgPip
 
         # 5. Encode the image and noise it to x_t at the first remaining timestep
         if latents is None:
-            f = self.vae_scale_factor
-            with vae_tiles(self, "encode", (height // f, width // f), total):
-                latents = self.prepare_latents(
-                    image, timesteps[:1].repeat(total), batch_size, num_images_per_prompt, context.dtype,
-                    self._execution_device, generator,
-                )  # fmt: skip
+            latents = self.noised_image_latents(
+                image, timesteps, batch_size, num_images_per_prompt, context.dtype, generator
+            )
 
         # 6. Denoise x_t -> x_0, the ControlNets' residuals added inside the UNet
         latents = self.denoise(

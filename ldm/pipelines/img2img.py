@@ -56,6 +56,20 @@ class LatentImg2ImgPipeline(LatentPipeline):
         check_strength(strength, num_inference_steps)
         return self.get_timesteps(num_inference_steps, strength, self._execution_device)
 
+    def noised_image_latents(
+        self, image: torch.Tensor, timesteps: torch.Tensor, batch_size: int, num_images_per_prompt: int, dtype,
+        generator,
+    ) -> torch.Tensor:  # fmt: skip
+        """Step 4: the preprocessed image encoded (through the VAE in tiles when it is large) and noised to x_t at the
+        first of `timesteps`, one per image."""
+        total = batch_size * num_images_per_prompt
+        f = self.vae_scale_factor
+        with vae_tiles(self, "encode", (image.shape[-2] // f, image.shape[-1] // f), total):
+            return self.prepare_latents(
+                image, timesteps[:1].repeat(total), batch_size, num_images_per_prompt, dtype,
+                self._execution_device, generator,
+            )  # fmt: skip
+
     @torch.no_grad()
     def __call__(
         self,
@@ -126,12 +140,9 @@ class LatentImg2ImgPipeline(LatentPipeline):
         )
 
         # 4. Encode the image and noise it to x_t at the first remaining timestep
-        f = self.vae_scale_factor
-        with vae_tiles(self, "encode", (height // f, width // f), total):
-            latents = self.prepare_latents(
-                image, timesteps[:1].repeat(total), batch_size, num_images_per_prompt, context.dtype,
-                self._execution_device, generator,
-            )  # fmt: skip
+        latents = self.noised_image_latents(
+            image, timesteps, batch_size, num_images_per_prompt, context.dtype, generator
+        )
 
         # 5. Denoise x_t -> x_0
         latents = self.denoise(

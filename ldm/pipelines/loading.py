@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 from diffusers.configuration_utils import FrozenDict
 from diffusers.utils import logging
+from safetensors import safe_open
 
-from ldm.checks import check_components_fit, check_lora_source, check_pipeline_folder, lora_mismatch
+from ldm.checks import check_components_fit, check_pipeline_folder, looks_like_hub_id
 from ldm.hub import upload_pipeline
 from ldm.tokenizer import write_vocab_files
 
@@ -48,6 +50,71 @@ def fix_legacy_scheduler(scheduler):
         )
         scheduler._internal_dict = FrozenDict({**scheduler.config, **fixes})
     return scheduler
+
+
+LORA_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from checkpoint, the shape "
+    r"in current model is torch\.Size\(\[([\d, ]*)\]\)"
+)
+
+
+def check_lora_source(source, weight_name: str | None = None) -> None:
+    """A LoRA given as a path exists (diffusers would take a missing one for a Hub id and ask for a weight_name), and
+    a folder holds a .safetensors file. Dicts and Hub ids pass."""
+    if not isinstance(source, (str, os.PathLike)):
+        return
+    path = Path(source).expanduser()
+    if not path.exists():
+        if path.suffix in LORA_SUFFIXES or not looks_like_hub_id(source):
+            raise ValueError(
+                f"LoRA {os.fspath(source)}: no such file or folder; pass a .safetensors file, a folder holding "
+                "pytorch_lora_weights.safetensors, or a Hub repository id."
+            )
+        return
+    if path.is_dir() and weight_name is None and not any(path.glob("*.safetensors")):
+        raise ValueError(
+            f"LoRA folder {path} holds no .safetensors file; pass the LoRA file itself (or weight_name=...)."
+        )
+
+
+def lora_base(source) -> str | None:
+    """The base model a LoRA names: kohya's `ss_sd_model_name` in the file, or `base_model:` in its folder's model
+    card; None when neither is there."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".safetensors":
+        with safe_open(path, framework="pt") as f:
+            name = (f.metadata() or {}).get("ss_sd_model_name")
+        if name:
+            return name
+        path = path.parent
+    card = path / "README.md"
+    if card.is_file():
+        for line in card.read_text(errors="replace").splitlines():
+            if line.startswith("base_model:"):
+                return line.split(":", 1)[1].strip() or None
+    return None
+
+
+def lora_mismatch(source, error: str, unet) -> str | None:
+    """One line for torch's list of size mismatches when a LoRA made for another UNet is loaded; None for any other
+    error. It names the first layer that differs, how, and the base the LoRA names."""
+    mismatches = _SIZE_MISMATCH.findall(error)
+    if not mismatches:
+        return None
+    layer, theirs, ours = mismatches[0]
+    layer = re.sub(r"\.lora_[AB](\.[^.]+)?\.weight$", "", layer)
+    base = lora_base(source)
+    trained_for = f"trained for {base}" if base else "trained for another UNet"
+    where = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the LoRA state dict"
+    return (
+        f"LoRA {where} was {trained_for}: {len(mismatches)} of its tensors do not fit this UNet "
+        f"(block_out_channels={list(unet.config.block_out_channels)}, cross_attention_dim="
+        f"{unet.config.cross_attention_dim}); the first, {layer}, is ({theirs}) in the LoRA but ({ours}) here. "
+        "Load it onto the base it was trained on."
+    )
 
 
 def _drop_size_mismatches(record) -> bool:

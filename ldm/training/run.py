@@ -30,7 +30,6 @@ from ldm.training.buckets import BucketBatchSampler
 from ldm.training.checkpoint import (
     CheckpointUploader,
     CheckpointWriteError,
-    check_state_files,
     resolve_resume_path,
 )
 from ldm.training.config import TrainConfig
@@ -38,6 +37,7 @@ from ldm.training.data import TrainDataset, TrainLoader, build_train_and_heldout
 from ldm.training.distributed import check_replicas_in_sync, full_model, setup_logging, total_over_processes
 from ldm.training.encoders import CachedBatchEncoder, LiveBatchEncoder
 from ldm.training.guards import check_same_run, claim_output_dir, lock_output_dir, run_fingerprint
+from ldm.training.integrity import check_state_files
 from ldm.training.latent_cache import CachedIndexDataset, ConditionedIndexDataset, build_cache
 from ldm.training.loop import LoopResult
 from ldm.training.lora import trainable_parameters
