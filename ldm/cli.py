@@ -42,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--height", type=int, default=None, help="Pixels; default from the model.")
     parser.add_argument("--width", type=int, default=None, help="Pixels; default from the model.")
     parser.add_argument(
-        "--scheduler", choices=sorted(SCHEDULERS), default="ddim", help="Sampler (default ddim)."
+        "--scheduler",
+        choices=sorted(SCHEDULERS),
+        default=None,
+        help="Sampler (default ddim; lcm for a consistency-distilled model, whose UNet takes a guidance embedding: "
+        "use --steps 1 to 8 there).",
     )
     parser.add_argument("--image", default=None, help="Start from this image (img2img; its size is kept).")
     parser.add_argument("--mask", default=None, help="With --image: repaint where this mask is white.")
@@ -242,7 +246,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     pipe = load_checked(parser, args)
-    pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
+    distilled = pipe.unet.config.time_cond_proj_dim is not None  # train_lcm.py's LCMs (and diffusers' own)
+    scheduler = args.scheduler or ("lcm" if distilled else "ddim")
+    pipe.scheduler = scheduler_from_name(scheduler, pipe.scheduler.config)
     pipe, image_kwargs = image_inputs(parser, args, pipe)
     pipe, control_kwargs = control_inputs(parser, args, pipe)
     pipe.to(args.device)

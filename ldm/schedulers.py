@@ -4,15 +4,23 @@ from __future__ import annotations
 
 from typing import Literal
 
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    LCMScheduler,
+)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-SchedulerName = Literal["ddim", "dpm++", "euler", "ddpm"]
+SchedulerName = Literal["ddim", "dpm++", "euler", "ddpm", "lcm"]
 SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
     "ddim": (DDIMScheduler, {}),
     "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
     "euler": (EulerDiscreteScheduler, {}),
     "ddpm": (DDPMScheduler, {}),
+    # For consistency-distilled UNets (train/train_lcm.py, LCM-LoRA): 1-8 steps, one UNet call each.
+    "lcm": (LCMScheduler, {}),
 }
 
 

@@ -19,20 +19,31 @@ from ldm.training.loss import validation_loss
 logger = get_logger(__name__)
 
 
-def validation_grid(pipe: LatentPipeline, config: TrainConfig, seed: int, sizes=None, controls=None):
-    """A grid of the validation prompts (DDIM, guidance, fixed seed): one row per (width, height) in `sizes`
-    (default: the square `resolution`), one image per prompt.
+def validation_grid(
+    pipe: LatentPipeline,
+    config: TrainConfig,
+    seed: int,
+    sizes=None,
+    controls=None,
+    step_counts: tuple[int, ...] | None = None,
+    guidance_scale: float | None = None,
+):
+    """A grid of the validation prompts (the pipeline's scheduler, guidance, fixed seed): one row per (width, height)
+    in `sizes` (default: the square `resolution`) and step count in `step_counts` (default:
+    `validation_inference_steps`), one image per prompt; at `guidance_scale` (default `validation_guidance_scale`).
 
     With `controls` (a ControlNet's control images, one per prompt) each prompt's control is sampled with it and
     shown beside its sample: one row per prompt and size, control | sample.
     """
     images, sizes = [], sizes or [(config.resolution, config.resolution)]
-    for width, height in sizes:
+    rows = [(size, steps) for size in sizes for steps in step_counts or [config.validation_inference_steps]]
+    guidance_scale = config.validation_guidance_scale if guidance_scale is None else guidance_scale
+    for (width, height), steps in rows:
         generators = [torch.Generator().manual_seed(seed + i) for i in range(len(config.validation_prompts))]
         samples = pipe(
             config.validation_prompts,
-            num_inference_steps=config.validation_inference_steps,
-            guidance_scale=config.validation_guidance_scale,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
             # With zero terminal SNR, guidance over-exposes unless rescaled (Lin et al. 2023, sec. 3.4, phi = 0.7).
             guidance_rescale=0.7 if config.rescale_betas_zero_snr else 0.0,
             generator=generators,
@@ -47,7 +58,7 @@ def validation_grid(pipe: LatentPipeline, config: TrainConfig, seed: int, sizes=
                 images += [control.convert("RGB").resize(sample.size), sample]
     if controls is not None:
         return image_grid(images, cols=2)
-    return image_grid(images, cols=len(config.validation_prompts) if len(sizes) > 1 else None)
+    return image_grid(images, cols=len(config.validation_prompts) if len(rows) > 1 else None)
 
 
 def validation_sizes(resolution: int, buckets: list | None) -> list[tuple[int, int]]:
@@ -63,12 +74,13 @@ def validation_sizes(resolution: int, buckets: list | None) -> list[tuple[int, i
 
 
 def log_validation(
-    accelerator, pipe, config: TrainConfig, seed: int, step: int, sizes=None, controls=None
+    accelerator, pipe, config: TrainConfig, seed: int, step: int, sizes=None, controls=None, **rows
 ) -> Path | None:
-    """Save and log the validation grid (main process only); returns its path."""
+    """Save and log the validation grid (main process only; `rows`: `validation_grid`'s step_counts and
+    guidance_scale); returns its path."""
     if not config.validation_prompts:
         return None
-    grid = validation_grid(pipe, config, seed, sizes, controls)
+    grid = validation_grid(pipe, config, seed, sizes, controls, **rows)
     path = Path(config.output_dir) / "validation" / f"step-{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
@@ -95,10 +107,12 @@ def validate(
     step,
     sizes=None,
     controls=None,
+    **rows,
 ):
     """Validation loss and sample grid (at `sizes`, see `validation_sizes`) of the current weights (EMA when on),
     on the main process. `export` turns the trained model into a pipeline (`PipelineExport`, or a ControlNet's
-    export, whose pipeline then samples the `controls`).
+    export, whose pipeline then samples the `controls`). Without a `heldout_batch` (a distillation's student has no
+    denoising loss to compare) only the grid; `rows` are `validation_grid`'s step_counts and guidance_scale.
 
     A collective call (under FSDP the trained model is gathered first); returns ({"val_loss": ...}, grid path) on the main
     process and ({}, None) elsewhere.
@@ -113,7 +127,7 @@ def validate(
         # The pipeline's UNet is a plain fp32 module while the frozen encoders may run in half precision:
         # autocast reconciles them as it does in training.
         with accelerator.autocast():
-            if len(heldout_batch["indices"]):
+            if heldout_batch is not None and len(heldout_batch["indices"]):
                 logs["val_loss"] = validation_loss(
                     pipe.unet,
                     encoder,
@@ -122,7 +136,7 @@ def validate(
                     config.seed,
                     pipe.components.get("controlnet"),
                 )
-            grid_path = log_validation(accelerator, pipe, config, config.seed, step, sizes, controls)
+            grid_path = log_validation(accelerator, pipe, config, config.seed, step, sizes, controls, **rows)
     except Exception as err:
         logger.warning(f"Validation at step {step} failed ({type(err).__name__}: {err}); training goes on.")
     return logs, grid_path

@@ -1,0 +1,154 @@
+"""What each step count buys: prompt adherence and wall time per image of a distilled LCM, an LCM-LoRA and the
+teacher's guided DDIM, on the held-out prompts of the shapes dataset.
+
+    python train/evaluate_fewstep.py --teacher outputs/demo/ldm --lcm outputs/demo/lcm \
+        --lcm_lora outputs/demo/lcm-lora --prompts outputs/demo/data/heldout_prompts.jsonl --out_dir outputs/eval
+
+Every row draws each held-out prompt once per seed from the same noise (`evaluate_adherence`), reads the image back
+with the detector, and is timed alone in this one process, so the times are ratios measured together:
+
+    LCM (full)     LatentPipeline + LCMScheduler, guidance 7.5 through the UNet's guidance embedding; 1, 2, 4, 8 steps
+    LCM-LoRA       the teacher + LCMScheduler + the adapter, guidance 1 (distilled in); 1, 2, 4, 8 steps
+    DDIM           the teacher, classifier-free guidance 7.5 (two UNet branches a step); 1, 2, 4, 8 and 25 steps
+
+Writes out_dir/fewstep.json (settings, per row: accuracy, seconds per image), fewstep.txt (the table, also printed)
+and grid.png (one row per setting, the first prompts at the first seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ldm.images import image_grid
+from ldm.pipelines.text_to_image import LatentPipeline
+from ldm.schedulers import scheduler_from_name
+from ldm.seeding import keyed_generator
+from ldm.shapes.adherence import evaluate_adherence, load_heldout_prompts
+
+STEP_COUNTS = (1, 2, 4, 8)
+TEACHER_STEPS = 25
+GRID_PROMPTS = 8
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments of train/evaluate_fewstep.py."""
+    parser = argparse.ArgumentParser(
+        description="Adherence and speed of few-step samplers on held-out prompts."
+    )
+    parser.add_argument("--teacher", required=True, help="The teacher pipeline folder (the demo's model).")
+    parser.add_argument("--lcm", default=None, help="A distilled LCM pipeline folder (train_lcm.py).")
+    parser.add_argument(
+        "--lcm_lora", default=None, help="An LCM-LoRA folder or file (train_lcm.py --lora_rank)."
+    )
+    parser.add_argument("--prompts", required=True, nargs="+", help="heldout_prompts.jsonl files.")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="Seeds (default 0 1).")
+    parser.add_argument(
+        "--guidance_scale", type=float, default=7.5, help="DDIM's and the LCM's (default 7.5)."
+    )
+    parser.add_argument("--batch_size", type=int, default=30, help="Images per pipeline call (default 30).")
+    parser.add_argument("--out_dir", required=True, help="Folder for fewstep.json/.txt and grid.png.")
+    return parser.parse_args(argv)
+
+
+def settings(args) -> list[tuple[str, str, str, int, float]]:
+    """(label, model kind, scheduler, steps, guidance) for every row, in table order."""
+    rows = [("DDIM", "teacher", "ddim", TEACHER_STEPS, args.guidance_scale)]
+    rows += [("DDIM", "teacher", "ddim", n, args.guidance_scale) for n in STEP_COUNTS]
+    if args.lcm:
+        rows += [("LCM", "lcm", "lcm", n, args.guidance_scale) for n in STEP_COUNTS]
+    if args.lcm_lora:
+        rows += [("LCM-LoRA", "lcm_lora", "lcm", n, 1.0) for n in STEP_COUNTS]
+    return rows
+
+
+def load_models(args) -> dict[str, LatentPipeline]:
+    """The pipelines by kind: the teacher, the distilled LCM, the teacher with the LCM-LoRA (separate modules)."""
+    pipes = {"teacher": LatentPipeline.from_pretrained(args.teacher)}
+    if args.lcm:
+        pipes["lcm"] = LatentPipeline.from_pretrained(args.lcm)
+    if args.lcm_lora:
+        pipes["lcm_lora"] = LatentPipeline.from_pretrained(args.teacher)
+        pipes["lcm_lora"].load_lora_weights(args.lcm_lora)
+        pipes["lcm_lora"].fuse_lora()  # as users run an adapter they sample often: no extra matmuls per layer
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
+    return pipes
+
+
+def format_table(rows: list[dict]) -> str:
+    """A Markdown table: sampler, steps, guidance, UNet calls, accuracy per attribute, time per image and speed-up
+    over the first row."""
+    base = rows[0]["seconds_per_image"]
+    lines = [
+        "| sampler | steps | guidance | UNet calls/image | all | shape | color | position | s/image | speed-up |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        acc = row["accuracy"]
+        lines.append(
+            f"| {row['sampler']} | {row['steps']} | {row['guidance']:g} | {row['unet_calls']} | "
+            + " | ".join(f"{100 * acc[k]:.1f} %" for k in ("all", "shape", "color", "position"))
+            + f" | {row['seconds_per_image']:.4f} | {base / row['seconds_per_image']:.1f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Evaluate every row, write the report files and the grid, print the table; returns the rows."""
+    args = parse_args(argv)
+    prompts = [row for path in args.prompts for row in load_heldout_prompts(path)]
+    pipes = load_models(args)
+    rows, grid_images = [], []
+    for label, kind, scheduler, steps, guidance in settings(args):
+        pipe = pipes[kind]
+        pipe.scheduler = scheduler_from_name(scheduler, pipe.scheduler.config)
+        clock = time.perf_counter()
+        results = evaluate_adherence(
+            pipe, prompts, [guidance], args.seeds, num_inference_steps=steps, batch_size=args.batch_size
+        )
+        seconds = time.perf_counter() - clock
+        entry = results["scales"][guidance]
+        guided = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
+        rows.append(
+            {
+                "sampler": label,
+                "steps": steps,
+                "guidance": guidance,
+                "unet_calls": steps * (2 if guided else 1),
+                "accuracy": entry["accuracy"],
+                "seconds_per_image": seconds / entry["num_images"],
+            }
+        )
+        shown = prompts[:GRID_PROMPTS]
+        grid_images += pipe(
+            [p["prompt"] for p in shown],
+            guidance_scale=guidance,
+            num_inference_steps=steps,
+            generator=[keyed_generator(args.seeds[0], i) for i in range(len(shown))],
+        ).images
+    table = format_table(rows)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {
+        "num_prompts": len(prompts),
+        "seeds": args.seeds,
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+    }
+    (out_dir / "fewstep.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "fewstep.txt").write_text(table + "\n", encoding="utf-8")
+    image_grid(grid_images, cols=min(GRID_PROMPTS, len(prompts))).save(out_dir / "grid.png")
+    print(table)
+    print(
+        f"wrote {out_dir}/fewstep.json, fewstep.txt, grid.png (rows in table order, {GRID_PROMPTS} prompts each)"
+    )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
