@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     # The loop: the shared step loop, handed the distillation loss, its checkpoint and its validation.
     distillation = Distillation(
         prepared, teacher, target, ema, DDIMSolver.for_schedule(noise_scheduler.alphas_cumprod, config.num_ddim_timesteps),
-        noise_scheduler.alphas_cumprod, noise_scheduler.config.prediction_type, uncond_embeds, config,
+        noise_scheduler, uncond_embeds, config,
     )  # fmt: skip
 
     def lcm_loss(batch: dict, epoch: int, generator: torch.Generator) -> torch.Tensor:

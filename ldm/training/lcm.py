@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from diffusers import LCMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, LCMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
 from ldm.pipelines.text_to_image import LatentPipeline
@@ -205,6 +205,11 @@ def build_student(teacher: UNet2DConditionModel, config: LCMTrainConfig) -> UNet
     return student
 
 
+def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy that never trains: the target network's module, which holds the EMA weights for its forward pass."""
+    return copy.deepcopy(module).requires_grad_(False).eval()
+
+
 def target_network(student: UNet2DConditionModel, config: LCMTrainConfig, device) -> EMAModel:
     """The target network theta- as an EMA of the student at a constant rate `ema_decay` from the first step (the
     LCM paper's; `update_after_step=-1` and `min_decay` switch off EMAModel's warm-up). Held as an EMAModel so that
@@ -247,8 +252,7 @@ class Distillation:
     target: UNet2DConditionModel | None
     ema: EMAModel | None
     solver: DDIMSolver
-    alphas_cumprod: torch.Tensor
-    prediction_type: str
+    scheduler: DDPMScheduler  # the teacher's training schedule (alpha_bar, prediction type, add_noise)
     uncond_embeds: torch.Tensor  # (1, L, D): the empty prompt
     config: LCMTrainConfig
 
@@ -265,14 +269,14 @@ class Distillation:
         index, w = index.to(device), w.to(device)
         start = solver.timesteps.to(device)[index]  # t_{n+k}
         end = (start - solver.interval).clamp(min=0)  # t_n
-        z = add_noise(latents, noise, start, self.alphas_cumprod)  # z_{t_{n+k}}  (B, C, h, w)
+        z = self.scheduler.add_noise(latents, noise, start)  # z_{t_{n+k}}  (B, C, h, w)
         w_embedding = None
         if self.target is not None:  # the full student takes w as its guidance-scale embedding
             w_embedding = guidance_scale_embedding(w, self.target.config.time_cond_proj_dim).to(device)
 
         # The student's consistency function at (z_{t_{n+k}}, t_{n+k}).
         prediction = self.student(z, start, text_embeds, timestep_cond=w_embedding, return_dict=False)[0]
-        x0, _ = x0_and_eps(prediction, start, z, self.alphas_cumprod, self.prediction_type)
+        x0, _ = self.x0_and_eps(prediction, start, z)
         c_skip, c_out = (
             append_dims(c, z.ndim) for c in boundary_scalings(start, config.timestep_scaling_factor)
         )
@@ -292,9 +296,7 @@ class Distillation:
         context = torch.cat([self.uncond_embeds.expand(len(z), -1, -1).to(text_embeds), text_embeds])
         with self.teacher_mode():
             out = self.teacher(torch.cat([z, z]), torch.cat([start, start]), context, return_dict=False)[0]
-        x0, eps = x0_and_eps(
-            out, torch.cat([start, start]), torch.cat([z, z]), self.alphas_cumprod, self.prediction_type
-        )
+        x0, eps = self.x0_and_eps(out, torch.cat([start, start]), torch.cat([z, z]))
         w = append_dims(w, z.ndim)
         (x0_u, x0_c), (eps_u, eps_c) = x0.chunk(2), eps.chunk(2)
         return self.solver.step(x0_c + w * (x0_c - x0_u), eps_c + w * (eps_c - eps_u), index)
@@ -306,11 +308,16 @@ class Distillation:
             out = self.target(z_prev, end, text_embeds, timestep_cond=w_embedding, return_dict=False)[0]
         else:
             out = self.student(z_prev, end, text_embeds, return_dict=False)[0]
-        x0, _ = x0_and_eps(out, end, z_prev, self.alphas_cumprod, self.prediction_type)
+        x0, _ = self.x0_and_eps(out, end, z_prev)
         c_skip, c_out = (
             append_dims(c, z_prev.ndim) for c in boundary_scalings(end, self.config.timestep_scaling_factor)
         )
         return c_skip * z_prev + c_out * x0
+
+    def x0_and_eps(self, prediction, t, x_t) -> tuple[torch.Tensor, torch.Tensor]:
+        """`x0_and_eps` on the teacher's schedule and prediction type."""
+        schedule = self.scheduler
+        return x0_and_eps(prediction, t, x_t, schedule.alphas_cumprod, schedule.config.prediction_type)
 
     @contextmanager
     def teacher_mode(self) -> Iterator[None]:
@@ -320,14 +327,6 @@ class Distillation:
             return
         with adapters_off(self.teacher):
             yield
-
-
-def add_noise(
-    x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor
-) -> torch.Tensor:
-    """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (the forward process, DDPM eq. 4)."""
-    alpha_bar = append_dims(alphas_cumprod.to(x0.device)[t], x0.ndim).to(x0.dtype)
-    return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
 
 
 # ----------------------------------------------------------------------------- what a run saves
@@ -435,8 +434,3 @@ def lcm_model_card(config: LCMTrainConfig, repo_id: str, grid_name: str | None) 
     if grid_name:
         lines += ["", f"![validation: rows at {', '.join(map(str, VALIDATION_STEPS))} steps]({grid_name})"]
     return "\n".join(lines) + "\n"
-
-
-def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A copy that never trains: the target network's module, which holds the EMA weights for its forward pass."""
-    return copy.deepcopy(module).requires_grad_(False).eval()
