@@ -196,6 +196,7 @@ def test_shipped_configs_load():
 
     from ldm.training.config import TrainConfig, load_config
     from ldm.training.controlnet import ControlNetTrainConfig
+    from ldm.training.lcm import LCMTrainConfig
 
     kinds = {
         p.name: load_config_from_file(str(p)).distributed_type
@@ -212,9 +213,14 @@ def test_shipped_configs_load():
         missing = {"pretrained_model_name_or_path": "x", "train_data_dir": "y"}
         if "dataset_name" in given:
             missing.pop("train_data_dir")
+        if "pretrained_teacher_model" in given:  # diffusers' name for it, in the distillation config
+            missing.pop("pretrained_model_name_or_path")
         extra = [arg for key, value in missing.items() if key not in given for arg in (f"--{key}", value)]
-        trainer_config = ControlNetTrainConfig if path.name.startswith("controlnet") else TrainConfig
-        load_config(["--config", str(path), *extra], trainer_config)
+        trainer_config = {"controlnet": ControlNetTrainConfig, "lcm": LCMTrainConfig}.get(
+            path.name.split("_")[0], TrainConfig
+        )
+        config = load_config(["--config", str(path), *extra], trainer_config)
+        assert type(config) is trainer_config
 
 
 def test_mixed_precision_and_objective_options_run(world, tmp_path):
