@@ -83,7 +83,7 @@ def check_startup(config: LCMTrainConfig) -> None:
 
 
 def load_teacher(config: LCMTrainConfig, text_encoder, vae, accelerator) -> UNet2DConditionModel:
-    """The teacher's UNet. Its forward runs under the run's autocast (accelerate autocasts only what it prepares)."""
+    """The teacher's UNet, checked against the text encoder and VAE (a LoRA run trains an adapter on it)."""
     teacher = UNet2DConditionModel.from_pretrained(
         config.pretrained_model_name_or_path, subfolder="unet", revision=config.revision
     )
@@ -92,7 +92,8 @@ def load_teacher(config: LCMTrainConfig, text_encoder, vae, accelerator) -> UNet
 
 
 def autocast_frozen(module: torch.nn.Module, accelerator) -> torch.nn.Module:
-    """Freeze a module that only runs forward passes inside the loss, on the run's device and autocast."""
+    """Freeze a module that only runs forward passes inside the loss (the full run's teacher and target), on the
+    run's device and under its autocast, which accelerate gives only to what it prepares."""
     module.requires_grad_(False).eval().to(accelerator.device)
     module.forward = accelerator.autocast()(module.forward)
     return module
