@@ -31,7 +31,7 @@ from ldm.training.lcm import (
     build_student,
     x0_and_eps,
 )
-from tests.training_helpers import HUB_TOKEN, ROOT, launch, same_tensors, tensors
+from tests.training_helpers import HUB_TOKEN, ROOT, launch, load_script, same_tensors, tensors
 
 SCRIPT = "train_lcm.py"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -246,17 +246,12 @@ def test_lcm_lora_on_two_processes_saves_diffusers_and_kohya_files(world, tmp_pa
 
 def start(world, tmp_path, *args):
     """train_lcm.main in-process on the tiny world; returns its SystemExit message."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_lcm_script", ROOT / "train" / SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     argv = [
         "--config", str(ROOT / "configs" / "tiny.yaml"), "--unet_preset", "none",
         "--train_data_dir", str(world / "data"), "--output_dir", str(tmp_path / "out"), *args,
     ]  # fmt: skip
     with pytest.raises(SystemExit) as exit_info:
-        script.main(argv)
+        load_script("train_lcm").main(argv)
     return str(exit_info.value.code)
 
 
@@ -283,19 +278,12 @@ def test_bad_settings_fail_before_any_model_loads(world, tmp_path, monkeypatch, 
     assert text.startswith(f"{SCRIPT}: ") and message in text, text
 
 
-def test_evaluate_fewstep_times_and_scores_every_sampler_at_every_step_count(
-    world, lora_dir, tokenizer_dir, tmp_path
-):
-    import importlib.util
-
+def test_evaluate_fewstep_times_and_scores_every_sampler_at_every_step_count(world, lora_dir, tmp_path):
     from ldm.presets import build_pipeline
 
     lcm = with_guidance_embedding(build_pipeline("tiny", world / "tokenizer", seed=0))
     lcm.save_pretrained(tmp_path / "lcm")
-    spec = importlib.util.spec_from_file_location("evaluate_fewstep", ROOT / "train" / "evaluate_fewstep.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    rows = script.main(
+    rows = load_script("evaluate_fewstep").main(
         ["--teacher", str(world / "base"), "--lcm", str(tmp_path / "lcm"), "--lcm_lora", str(lora_dir),
          "--prompts", str(world / "data" / "heldout_prompts.jsonl"), "--seeds", "0", "--out_dir", str(tmp_path / "eval")]
     )  # fmt: skip

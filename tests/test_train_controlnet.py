@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionControlNetP
 from PIL import Image
 
 from ldm import LatentControlNetPipeline, LatentPipeline
-from tests.training_helpers import HUB_TOKEN, ROOT, launch, same_tensors, tensors
+from tests.training_helpers import HUB_TOKEN, ROOT, launch, load_script, same_tensors, tensors
 
 SCRIPT = "train_controlnet.py"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -107,18 +107,13 @@ def test_two_processes_agree(control_world, tmp_path):
 
 def start(control_world, tmp_path, *args):
     """train_controlnet.main in-process on the control world; returns its SystemExit message."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_controlnet_script", ROOT / "train" / SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     argv = [
         "--config", str(ROOT / "configs" / "tiny.yaml"), "--unet_preset", "none",
         "--pretrained_model_name_or_path", str(control_world / "base"),
         "--train_data_dir", str(control_world / "data"), "--output_dir", str(tmp_path / "out"), *args,
     ]  # fmt: skip
     with pytest.raises(SystemExit) as exit_info:
-        script.main(argv)
+        load_script("train_controlnet").main(argv)
     return str(exit_info.value.code)
 
 

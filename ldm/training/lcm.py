@@ -180,6 +180,7 @@ def x0_and_eps(
 def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     """The embedding of w (B,) that a guidance-distilled UNet takes as `timestep_cond` (B, dim): the pipelines'
     `get_guidance_scale_embedding`, so training and sampling embed the same way."""
+    # diffusers defines it as a pipeline method that never reads `self`; called unbound rather than rewritten.
     return LatentPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
 
 
