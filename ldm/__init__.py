@@ -4,7 +4,8 @@ The package map (README's Layout section has the same table):
 
 - `pipelines/`, one file per pipeline: `text_to_image` (`LatentPipeline`, its numbered steps; the sampler step is
   the diffusers scheduler's, called in `LatentPipeline.denoise`), `img2img` and `inpaint` (their own steps only),
-  `controlnet`, `controlnet_img2img`, `controlnet_inpaint`, `loading` (load, save, upload).
+  `controlnet`, `controlnet_img2img`, `controlnet_inpaint`, `upscale` (x4 super-resolution), `loading` (load, save,
+  upload).
 - what sampling and training share: `call_state` and `guidance`, `checks` (argument and component checks),
   `encoding` (text embeddings, latent scaling), `presets` (model shapes), `schedulers` (samplers by name),
   `tokenizer`, `hub`, `cli` (`ldm-generate`), `control` (Canny control images), `single_file` and `export`
@@ -27,6 +28,7 @@ from ldm.pipelines.controlnet_inpaint import LatentControlNetInpaintPipeline
 from ldm.pipelines.img2img import LatentImg2ImgPipeline
 from ldm.pipelines.inpaint import LatentInpaintPipeline
 from ldm.pipelines.text_to_image import LatentPipeline, LatentPipelineOutput
+from ldm.pipelines.upscale import LatentUpscalePipeline
 from ldm.presets import PRESETS, build_pipeline, build_unet
 from ldm.tokenizer import write_clip_tokenizer
 
@@ -39,6 +41,7 @@ __all__ = [
     "LatentInpaintPipeline",
     "LatentPipeline",
     "LatentPipelineOutput",
+    "LatentUpscalePipeline",
     "build_pipeline",
     "build_unet",
     "classifier_free_guidance",

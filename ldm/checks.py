@@ -59,8 +59,10 @@ def check_pipeline_folder(path: str | os.PathLike, skipped: tuple[str, ...] = ()
             )
 
 
-def check_components_fit(unet, text_encoder, vae, source: str) -> None:
-    """The UNet must take the text encoder's width and the VAE's latent channels (missing components pass).
+def check_components_fit(unet, text_encoder, vae, source: str, conditioning_channels: tuple[int, ...] = (0,)) -> None:
+    """The UNet must take the text encoder's width and the VAE's latent channels, plus one of
+    `conditioning_channels` more (an inpainting UNet's mask and masked image, an upscaler's image); missing
+    components pass.
 
     A UNet sample size that does not match the VAE's (times its scale factor) is only warned about.
     """
@@ -83,11 +85,49 @@ def check_components_fit(unet, text_encoder, vae, source: str) -> None:
                 vae.config.sample_size,
             )
         channels, latent = unet.config.in_channels, vae.config.latent_channels
-        if channels != latent:
+        if channels - latent not in conditioning_channels:
+            extra = "" if conditioning_channels == (0,) else f" (plus one of {conditioning_channels} image channels)"
             raise ValueError(
                 f"In {source} the UNet takes {channels} input channels but the VAE makes {latent}-channel "
-                "latents; use the VAE the UNet was trained with."
+                f"latents{extra}; use the VAE the UNet was trained with."
             )
+
+
+def check_upscale_fits(unet, vae, max_noise_level) -> None:
+    """An upscaler's UNet reads the latents and a 3-channel image, and has a class embedding for every noise level
+    up to `max_noise_level` (missing components pass)."""
+    if not isinstance(max_noise_level, int) or isinstance(max_noise_level, bool) or max_noise_level < 0:
+        raise ValueError(f"max_noise_level={max_noise_level!r} must be an integer >= 0 (350 in Stable Diffusion's).")
+    if unet is None:
+        return
+    if vae is not None and unet.config.in_channels != vae.config.latent_channels + 3:
+        raise ValueError(
+            f"An upscaler's UNet takes the VAE's {vae.config.latent_channels} latent channels plus 3 image channels "
+            f"({vae.config.latent_channels + 3}); this one takes {unet.config.in_channels}. Build it with "
+            f"in_channels={vae.config.latent_channels + 3}."
+        )
+    kind, classes = unet.config.class_embed_type, unet.config.num_class_embeds
+    if kind == "timestep":  # a sinusoidal embedding: any level fits
+        return
+    if kind is not None or classes is None or classes <= max_noise_level:
+        raise ValueError(
+            f"An upscaler's UNet takes the noise level as a class label: it needs class_embed_type='timestep', or a "
+            f"table with num_class_embeds > max_noise_level={max_noise_level}; this one has class_embed_type={kind!r}, "
+            f"num_class_embeds={classes}."
+        )
+
+
+def check_noise_level(noise_level, max_noise_level: int) -> None:
+    """The upscaler's noise level is an integer in [0, max_noise_level]."""
+    if (
+        not isinstance(noise_level, int)
+        or isinstance(noise_level, bool)
+        or not 0 <= noise_level <= max_noise_level
+    ):
+        raise ValueError(
+            f"noise_level={noise_level!r} must be an integer in [0, {max_noise_level}] (max_noise_level); 20 is "
+            "Stable Diffusion's default, higher hides more of a flawed input."
+        )
 
 
 def check_image_size(name: str, size, factor: int) -> None:

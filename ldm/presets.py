@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ldm.pipelines.text_to_image import LatentPipeline
+from ldm.pipelines.upscale import UPSCALER_SCALING_FACTOR, LatentUpscalePipeline
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # Unit tests: two UNet blocks, a 2x VAE, a two-layer text encoder; 16 px images, 8x8x4 latents.
@@ -141,6 +142,28 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+
+def with_x4_vae(name: str) -> dict[str, dict[str, Any]]:
+    """Preset `name` with a 4x VAE (three levels: its first three, the last width repeated if it has fewer), the
+    factor of Stable Diffusion's x4 upscaler: latents the size of an image 4x smaller, which an upscaler's UNet reads
+    beside that image. The image size stays, so the UNet's sample_size follows the new factor."""
+    preset = PRESETS[name]
+    widths = tuple(preset["vae"]["block_out_channels"])
+    vae = dict(
+        preset["vae"],
+        block_out_channels=(widths + widths[-1:] * 3)[:3],
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+    )
+    image_side = preset["unet"]["sample_size"] * 2 ** (len(widths) - 1)
+    return dict(preset, vae=vae, unet=dict(preset["unet"], sample_size=image_side // 4))
+
+
+# tiny-x4: 16 px images, 4x4x4 latents (tests); small-x4: 64 px images, 16x16x4 latents (the upscaler demo's VAE).
+PRESETS["tiny-x4"] = with_x4_vae("tiny")
+PRESETS["small-x4"] = with_x4_vae("small")
+
+
 def get_preset(name: str) -> dict[str, dict[str, Any]]:
     """The preset called `name`; a ValueError lists the known names."""
     if name not in PRESETS:
@@ -172,6 +195,31 @@ def build_unet(name: str, cross_attention_dim: int, sample_size: int | None = No
     return UNet2DConditionModel(**unet_config(name, cross_attention_dim, sample_size))
 
 
+def upscaler_unet_config(
+    name: str, cross_attention_dim: int, latent_channels: int = 4, sample_size: int | None = None
+) -> dict[str, Any]:
+    """UNet constructor arguments for an upscaler of a preset's shape: it reads the latents and the 3-channel
+    low-resolution image, and takes the image's noise level as a class label.
+
+    The noise level goes through a sinusoidal embedding (`class_embed_type="timestep"`), as the timestep does, not
+    Stable Diffusion's table of one learned vector per level: nearby levels then share what they learn, so a short
+    run trains every level it samples instead of 1/350th of its steps each. `LatentUpscalePipeline` runs both.
+    """
+    return dict(
+        unet_config(name, cross_attention_dim, sample_size),
+        in_channels=latent_channels + 3,
+        out_channels=latent_channels,
+        class_embed_type="timestep",
+    )
+
+
+def upscaler_schedulers() -> tuple[DDPMScheduler, DDIMScheduler]:
+    """An upscaler's (low_res_scheduler, scheduler): Stable Diffusion's x4 upscaler noises the low-resolution image
+    on a linear DDPM schedule (betas 0.0001 to 0.02, 1000 steps); the sampler is DDIM over `sd_scheduler`'s schedule."""
+    low_res = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+    return low_res, sd_scheduler()
+
+
 def build_pipeline(name: str, tokenizer: CLIPTokenizer | str | Path, seed: int = 0):
     """Build a randomly initialised `LatentPipeline` of the named preset.
 
@@ -193,6 +241,19 @@ def build_pipeline(name: str, tokenizer: CLIPTokenizer | str | Path, seed: int =
     return LatentPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sd_scheduler()
     )
+
+
+def build_upscale_pipeline(name: str, tokenizer: CLIPTokenizer | str | Path, seed: int = 0):
+    """Build a randomly initialised `LatentUpscalePipeline` of the named x4 preset ("tiny-x4", "small-x4"), its VAE's
+    latents scaled by 0.08333 as diffusers' upscaler expects, its UNet from `upscaler_unet_config`."""
+    base = build_pipeline(name, tokenizer, seed)
+    base.vae.register_to_config(scaling_factor=UPSCALER_SCALING_FACTOR)
+    unet = UNet2DConditionModel(**upscaler_unet_config(name, base.text_encoder.config.hidden_size)).eval()
+    low_res_scheduler, scheduler = upscaler_schedulers()
+    return LatentUpscalePipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet,
+        low_res_scheduler=low_res_scheduler, scheduler=scheduler,
+    )  # fmt: skip
 
 
 def sd_scheduler() -> DDIMScheduler:

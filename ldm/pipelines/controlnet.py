@@ -191,7 +191,7 @@ class LatentControlNetPipeline(LatentPipeline):
 
     # ------------------------------------------------------------------ step 6: ControlNet residuals in the noise
 
-    def unet_residuals(
+    def unet_kwargs(
         self, latents: torch.Tensor, model_input: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor
     ) -> dict:
         """The ControlNets' summed residuals for the UNet's down blocks and mid block at this step; none outside

@@ -36,6 +36,7 @@ class LatentInpaintPipeline(LatentImg2ImgPipeline):
     """
 
     diffusers_class_name = "StableDiffusionInpaintPipeline"
+    conditioning_channels = (0, 5)  # a text-to-image UNet, or one that also takes the mask and masked image
     _callback_tensor_inputs = [
         "latents",
         "prompt_embeds",

@@ -130,6 +130,8 @@ class PipelineLoadingMixin:
     """
 
     diffusers_class_name = "StableDiffusionPipeline"
+    # Channels the UNet may take beside the latents (an inpainting UNet's 5, an upscaler's 3).
+    conditioning_channels: tuple[int, ...] = (0,)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
@@ -145,7 +147,7 @@ class PipelineLoadingMixin:
         check_pipeline_folder(pretrained_model_name_or_path, SKIPPED_COMPONENTS)
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         check_components_fit(
-            pipe.unet, pipe.text_encoder, pipe.vae, source=str(pretrained_model_name_or_path)
+            pipe.unet, pipe.text_encoder, pipe.vae, str(pretrained_model_name_or_path), cls.conditioning_channels
         )
         return pipe
 

@@ -280,11 +280,11 @@ class LatentPipeline(
         """Latents after scheduler step i; unchanged here (inpainting restores the known region)."""
         return latents
 
-    def unet_residuals(
+    def unet_kwargs(
         self, latents: torch.Tensor, model_input: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor
     ) -> dict:
-        """Residuals the UNet adds to its skip connections at this step, as UNet keyword arguments; none here (a
-        ControlNet's go here). `model_input` is the scaled x_t batch, before `unet_input`."""
+        """What else the UNet takes at this step, as keyword arguments; nothing here (a ControlNet's residuals, an
+        upscaler's noise level go here). `model_input` is the scaled x_t batch, before `unet_input`."""
         return {}
 
     def predict_noise(
@@ -305,7 +305,7 @@ class LatentPipeline(
         model_input = self.scheduler.scale_model_input(
             torch.cat([latents, latents]) if do_cfg else latents, t
         )
-        residuals = self.unet_residuals(latents, model_input, t, prompt_embeds)
+        extra = self.unet_kwargs(latents, model_input, t, prompt_embeds)
         eps = self.unet(
             self.unet_input(model_input),
             t,
@@ -314,7 +314,7 @@ class LatentPipeline(
             cross_attention_kwargs=self.cross_attention_kwargs,
             added_cond_kwargs=added_cond_kwargs,
             return_dict=False,
-            **residuals,
+            **extra,
         )[0]
         if not do_cfg:
             return eps

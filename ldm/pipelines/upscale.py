@@ -1,0 +1,255 @@
+"""`LatentUpscalePipeline`: prompt + low-resolution image -> an image 4x larger (Stable Diffusion's x4 upscaler).
+
+The structure of SR3 (Saharia et al. 2021) in latent space, as Stable Diffusion's x4 upscaler has it: the VAE
+downsamples by 4, so the latents x_t have the low-resolution image's size, and the UNet reads the two concatenated
+channel-wise. The low-resolution image y is first noised at a chosen level (noise augmentation, Ho et al. 2021's
+cascades), and that level is the UNet's class label:
+
+    y_s  = sqrt(abar_s) * y + sqrt(1 - abar_s) * n        (the DDPM `low_res_scheduler` at level s = noise_level)
+    eps  = eps_theta([x_t, y_s], t, text, class_label=s)
+
+Higher levels hide more of the input's flaws (a base model's artefacts) at the cost of fidelity to it. Only these
+steps are new here; prompt encoding, guidance, the denoising loop and decoding are `LatentPipeline`'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiffusionPipeline,
+    StableDiffusionUpscalePipeline,
+    UNet2DConditionModel,
+)
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import logging
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
+
+from ldm.checks import as_pixels, check_noise_level, check_upscale_fits, image_channels, image_count, image_hw
+from ldm.encoding import vae_scale_factor
+from ldm.pipelines.text_to_image import LatentPipeline, LatentPipelineOutput
+
+logger = logging.get_logger(__name__)
+
+# The latent scaling diffusers' StableDiffusionUpscalePipeline imposes on every VAE it loads (it rewrites any other
+# value in the VAE's config). `ldm.training.upscaler.rescale_vae_latents` gives a trained VAE this factor exactly.
+UPSCALER_SCALING_FACTOR = 0.08333
+
+
+class LatentUpscalePipeline(LatentPipeline):
+    """Text-guided x4 super-resolution; a drop-in for diffusers' `StableDiffusionUpscalePipeline` without the
+    safety checker and watermarker: the same components, `__call__` arguments and images for the same weights.
+
+    Saves and loads the diffusers layout both ways (a saved folder names `StableDiffusionUpscalePipeline`);
+    `LatentUpscalePipeline.from_pipe(pipe)` shares a loaded upscaler's modules.
+
+    Args:
+        vae: A VAE with a 4x factor whose `scaling_factor` is 0.08333, as diffusers expects (another value is used
+            as is here, with a warning: stock diffusers would replace it).
+        unet: Takes the latent channels plus 3 image channels, and `num_class_embeds` > max_noise_level.
+        low_res_scheduler: The DDPM schedule that noises the low-resolution image (`noise_level` is its timestep).
+        scheduler: The sampler (DDIM, DPM-Solver++, Euler, ...).
+        safety_checker, watermarker: Accepted for diffusers' signature; must be None.
+        max_noise_level: The highest `noise_level` a call may ask for (350 for Stable Diffusion's upscaler).
+        The other components are `LatentPipeline`'s.
+    """
+
+    diffusers_class_name = "StableDiffusionUpscalePipeline"
+    conditioning_channels = (3,)
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["safety_checker", "feature_extractor", "watermarker"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds", "image"]
+
+    # diffusers' own step: the initial noise at the latents' (= the low-resolution image's) size.
+    prepare_latents = StableDiffusionUpscalePipeline.prepare_latents
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        low_res_scheduler: DDPMScheduler,
+        scheduler: KarrasDiffusionSchedulers,
+        safety_checker: None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
+        watermarker: None = None,
+        max_noise_level: int = 350,
+    ):
+        # DiffusionPipeline's __init__, not LatentPipeline's: diffusers' upscaler has no image encoder to register,
+        # and applies no legacy scheduler fixes.
+        DiffusionPipeline.__init__(self)
+        for name, given in (("safety_checker", safety_checker), ("watermarker", watermarker)):
+            if given is not None:
+                raise ValueError(
+                    f"{type(self).__name__} runs no {name}; pass {name}=None (or use diffusers' "
+                    "StableDiffusionUpscalePipeline if you need one)."
+                )
+        check_upscale_fits(unet, vae, max_noise_level)
+        if vae is not None and vae.config.scaling_factor != UPSCALER_SCALING_FACTOR:
+            logger.warning(
+                "The VAE's scaling_factor is %s; diffusers' StableDiffusionUpscalePipeline replaces any value but "
+                "%s, so this model would sample differently there. ldm.training.upscaler.rescale_vae_latents "
+                "gives the VAE that factor without changing what the model computes.",
+                vae.config.scaling_factor,
+                UPSCALER_SCALING_FACTOR,
+            )
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            low_res_scheduler=low_res_scheduler,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=feature_extractor,
+            watermarker=None,
+        )
+        self.register_to_config(max_noise_level=max_noise_level)
+        self.vae_scale_factor = vae_scale_factor(vae.config) if vae is not None else 4
+        # diffusers' processor settings for this pipeline: bicubic resizing to the VAE factor's multiples.
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, resample="bicubic")
+        self._step_state: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ step 3: the noised low-resolution image
+
+    def prepare_low_res(
+        self,
+        image: PipelineImageInput,
+        noise_level: int,
+        num_images_per_prompt: int,
+        dtype: torch.dtype,
+        generator,
+    ) -> torch.Tensor:
+        """The low-resolution image(s) in [-1, 1], noised to `noise_level` by the low-res scheduler, one per output
+        image (and doubled under guidance); kept where the UNet input and callbacks read it.
+
+        Each input image is repeated for its prompt's `num_images_per_prompt` outputs (diffusers tiles the whole
+        batch instead, which pairs images with the wrong prompts when both a batch and several images per prompt
+        are asked for; both orders agree otherwise).
+        """
+        device = self._execution_device
+        image = self.image_processor.preprocess(as_pixels(image, "image", self.vae_scale_factor)).to(device, dtype)
+        noise = randn_tensor(image.shape, generator=generator, device=device, dtype=dtype)
+        level = torch.tensor([noise_level], dtype=torch.long, device=device)
+        image = self.low_res_scheduler.add_noise(image, noise, level)
+        image = image.repeat_interleave(num_images_per_prompt, dim=0)
+        if self.do_classifier_free_guidance:
+            image = torch.cat([image, image])
+        self._step_state["image"] = image
+        self._noise_levels = level.repeat(len(image))
+        return image
+
+    # ------------------------------------------------------------------ step 5: denoise
+
+    def unet_input(self, latent_model_input: torch.Tensor) -> torch.Tensor:
+        """The noisy latents and the noised low-resolution image, concatenated channel-wise."""
+        return torch.cat([latent_model_input, self._step_state["image"]], dim=1)
+
+    def unet_kwargs(self, latents, model_input, t, prompt_embeds) -> dict:
+        """The low-resolution image's noise level, as the UNet's class label."""
+        return {"class_labels": self._noise_levels}
+
+    # ------------------------------------------------------------------ the whole call
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: PipelineImageInput = None,
+        num_inference_steps: int = 75,
+        guidance_scale: float = 9.0,
+        noise_level: int = 20,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> LatentPipelineOutput | tuple:
+        """Upscale `image` 4x guided by `prompt`. Arguments, order and meaning are `StableDiffusionUpscalePipeline`'s
+        (its deprecated `callback`/`callback_steps` are `callback_on_step_end`, as in the other pipelines).
+
+        Args:
+            prompt: What the image shows; one prompt or one per image (or `prompt_embeds`).
+            image: The low-resolution image(s): PIL, numpy (H, W, 3) / (B, H, W, 3) or a tensor (B, 3, H, W) in
+                [-1, 1] or [0, 1]; one per prompt. The output is (4H, 4W), H and W rounded down to the VAE factor.
+            num_inference_steps: Denoising steps.
+            guidance_scale: s in eps_uncond + s * (eps_cond - eps_uncond); s <= 1 runs the conditional branch only.
+            noise_level: The noise added to `image` first, in [0, max_noise_level]: higher tolerates a flawed input
+                (a base model's sample) and follows it less closely.
+            The other arguments are `LatentPipeline.__call__`'s.
+
+        Returns:
+            `LatentPipelineOutput` with `images`, or `(images, None)`.
+
+        Raises:
+            ValueError, TypeError: on invalid arguments (a noise level out of range, an image count that does not
+                match the prompts, NaN or infinite pixels), before any model is run.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        tensor_inputs = list(callback_on_step_end_tensor_inputs or ["latents"])
+        if image is None:
+            raise ValueError("image is required: pass the low-resolution image to upscale.")
+        f = self.vae_scale_factor
+        low_height, low_width = image_hw(image)
+        height, width = max(low_height // f, 1) * f * f, max(low_width // f, 1) * f * f
+
+        # 1. Check inputs
+        batch_size = self.check_inputs(
+            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, 0.0, eta,
+            num_images_per_prompt, generator, latents, prompt_embeds, negative_prompt_embeds, output_type,
+            tensor_inputs, clip_skip=clip_skip, cross_attention_kwargs=cross_attention_kwargs,
+        )  # fmt: skip
+        check_noise_level(noise_level, self.config.max_noise_level)
+        count, channels = image_count(image), image_channels(image)
+        if count != batch_size:
+            raise ValueError(
+                f"image holds {count} images for {batch_size} prompts; pass one low-resolution image per prompt."
+            )
+        if channels not in (None, 3):
+            raise ValueError(
+                f"image has {channels} channels; pass RGB images: PIL, (H, W, 3) arrays or (B, 3, H, W) tensors."
+            )
+        self.start_call(guidance_scale, 0.0, clip_skip, cross_attention_kwargs)
+        total = batch_size * num_images_per_prompt
+
+        # 2. Encode the prompt (and the negative/empty prompt under guidance)
+        context, negative_prompt_embeds, _ = self.encode_conditions(
+            prompt, negative_prompt, num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None, None
+        )
+
+        # 3. The low-resolution image, noised to noise_level (its noise drawn before the latents', as diffusers does)
+        low_res = self.prepare_low_res(image, noise_level, num_images_per_prompt, context.dtype, generator)
+
+        # 4. Set the timesteps
+        timesteps, num_inference_steps = self.prepare_timesteps(num_inference_steps)
+
+        # 5. Prepare the initial latents x_T at the low-resolution image's size
+        latents = self.prepare_latents(
+            total, self.vae.config.latent_channels, *low_res.shape[-2:], context.dtype, self._execution_device,
+            generator, latents,
+        )  # fmt: skip
+
+        # 6. Denoise x_T -> x_0 with the image beside the latents
+        latents = self.denoise(
+            latents, timesteps, context, negative_prompt_embeds, self.prepare_extra_step_kwargs(generator, eta),
+            self.guidance_embedding(total, latents.dtype), None, callback_on_step_end, tensor_inputs,
+        )  # fmt: skip
+
+        # 7. Decode to images
+        return self.finish_call(self.decode_latents(latents, output_type, generator), return_dict)

@@ -1,0 +1,144 @@
+"""`LatentUpscalePipeline` against diffusers' `StableDiffusionUpscalePipeline` on identical weights, images and seed;
+its checks, saving and loading both ways, and `from_pipe`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionUpscalePipeline, UNet2DConditionModel
+
+from ldm import LatentUpscalePipeline
+from ldm.presets import build_upscale_pipeline, unet_config
+from tests.test_image_pipelines import rgb_image
+
+
+@pytest.fixture
+def upscaler(tokenizer_dir):
+    """A random tiny x4 upscaler (a 4x VAE; 8 px in, 32 px out) whose UNet changes the image noticeably."""
+    pipe = build_upscale_pipeline("tiny-x4", tokenizer_dir, seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def stock(pipe) -> StableDiffusionUpscalePipeline:
+    """diffusers' upscaler on the same modules, with its own copy of the scheduler."""
+    components = {k: v for k, v in pipe.components.items() if k not in ("safety_checker", "watermarker")}
+    components["scheduler"] = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    theirs = StableDiffusionUpscalePipeline(
+        **components, max_noise_level=pipe.config.max_noise_level, safety_checker=None, watermarker=None
+    )
+    theirs.set_progress_bar_config(disable=True)
+    return theirs
+
+
+def difference(ours, theirs, kwargs) -> float:
+    a = ours(**kwargs, generator=torch.Generator().manual_seed(5)).images
+    b = theirs(**kwargs, generator=torch.Generator().manual_seed(5)).images
+    assert a.shape == b.shape
+    return float(np.abs(a - b).max())
+
+
+LOW = [rgb_image(0, (8, 8)), rgb_image(1, (8, 8))]
+BASE = dict(num_inference_steps=3, output_type="np")
+CASES = {
+    "noise_level_20": dict(prompt=["a red circle", "a cat"], image=LOW, noise_level=20, guidance_scale=7.5),
+    "noise_level_250": dict(prompt=["a red circle", "a cat"], image=LOW, noise_level=250, guidance_scale=7.5),
+    "unguided": dict(prompt="a red circle", image=LOW[0], noise_level=100, guidance_scale=1.0),
+    "two_per_prompt": dict(
+        prompt="a cat", image=LOW[1], noise_level=20, guidance_scale=4.0, num_images_per_prompt=2,
+        negative_prompt="blurry",
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_stable_diffusion_upscale_pipeline(upscaler, case):
+    kwargs = dict(BASE, **CASES[case])
+    images = upscaler(**kwargs, generator=torch.Generator().manual_seed(5)).images
+    assert images.shape[1:] == (32, 32, 3)
+    assert difference(upscaler, stock(upscaler), kwargs) <= 1e-4
+
+
+def test_the_noise_level_and_the_image_change_the_output(upscaler):
+    kwargs = dict(BASE, prompt="a cat", image=LOW[0], guidance_scale=1.0)
+    at = {level: upscaler(**kwargs, noise_level=level, generator=torch.Generator().manual_seed(5)).images
+          for level in (0, 300)}  # fmt: skip
+    other = upscaler(**dict(kwargs, image=LOW[1]), noise_level=0, generator=torch.Generator().manual_seed(5)).images
+    assert np.abs(at[0] - at[300]).max() > 1e-3 and np.abs(at[0] - other).max() > 1e-3
+
+
+def test_a_table_of_noise_levels_runs_as_in_diffusers(upscaler):
+    """Stable Diffusion's own x4 upscaler has one learned vector per noise level (num_class_embeds=1000)."""
+    torch.manual_seed(3)
+    config = dict(unet_config("tiny-x4", 32), in_channels=7, out_channels=4, num_class_embeds=1000)
+    pipe = LatentUpscalePipeline.from_pipe(upscaler, unet=UNet2DConditionModel(**config).eval())
+    assert difference(pipe, stock(pipe), dict(BASE, **CASES["noise_level_20"])) <= 1e-4
+
+
+def test_saves_for_stock_diffusers_and_loads_its_folders(upscaler, tmp_path):
+    kwargs = dict(BASE, **CASES["noise_level_20"])
+    upscaler.save_pretrained(tmp_path / "ours")
+    index = json.loads((tmp_path / "ours" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionUpscalePipeline" and index["max_noise_level"] == 350
+    assert "image_encoder" not in index
+    theirs = StableDiffusionUpscalePipeline.from_pretrained(tmp_path / "ours")
+    theirs.set_progress_bar_config(disable=True)
+    assert theirs.vae.config.scaling_factor == upscaler.vae.config.scaling_factor
+    assert difference(upscaler, theirs, kwargs) <= 1e-6
+    theirs.save_pretrained(tmp_path / "theirs")
+    loaded = LatentUpscalePipeline.from_pretrained(tmp_path / "theirs")
+    loaded.set_progress_bar_config(disable=True)
+    assert difference(upscaler, loaded, kwargs) <= 1e-6
+
+
+def test_from_pipe_shares_modules(upscaler):
+    pipe = LatentUpscalePipeline.from_pipe(upscaler)
+    assert pipe.unet is upscaler.unet and pipe.vae is upscaler.vae and pipe.low_res_scheduler is not None
+    assert pipe.config.max_noise_level == 350
+
+
+def test_a_step_callback_sees_the_noised_image(upscaler):
+    seen = []
+
+    def record(pipe, i, t, tensors):
+        seen.append(tensors["image"].shape)
+        return {}
+
+    upscaler(**dict(BASE, **CASES["noise_level_20"]), callback_on_step_end=record,
+             callback_on_step_end_tensor_inputs=["latents", "image"])  # fmt: skip
+    assert seen == [torch.Size([4, 3, 8, 8])] * 3  # [uncond; cond] for two prompts
+
+
+BAD = {
+    "noise level above the maximum": (dict(noise_level=351), r"noise_level=351 must be an integer in \[0, 350\]"),
+    "negative noise level": (dict(noise_level=-1), "noise_level=-1"),
+    "two images for one prompt": (dict(image=LOW), "image holds 2 images for 1 prompts"),
+    "no image": (dict(image=None), "image is required"),
+    "NaN pixels": (dict(image=torch.full((1, 3, 8, 8), float("nan"))), "NaN"),
+    "four channels": (dict(image=torch.zeros(1, 4, 8, 8)), "image has 4 channels"),
+    "too small": (dict(image=rgb_image(0, (2, 2))), "at least 4 px"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_inputs_fail_before_any_model_call(upscaler, monkeypatch, case):
+    overrides, message = BAD[case]
+
+    def unet_must_not_run(*args, **kwargs):
+        raise AssertionError("the UNet ran")
+
+    monkeypatch.setattr(upscaler.unet, "forward", unet_must_not_run)
+    kwargs = {**BASE, "prompt": "a cat", "image": LOW[0], **overrides}
+    with pytest.raises((ValueError, TypeError), match=message):
+        upscaler(**kwargs)
+
+
+def test_a_unet_that_is_no_upscaler_is_refused(upscaler, tiny_pipe):
+    with pytest.raises(ValueError, match="in_channels=7"):
+        LatentUpscalePipeline.from_pipe(upscaler, unet=tiny_pipe.unet)
+    config = dict(unet_config("tiny-x4", 32), in_channels=7, out_channels=4, num_class_embeds=100)
+    with pytest.raises(ValueError, match="num_class_embeds > max_noise_level=350"):
+        LatentUpscalePipeline.from_pipe(upscaler, unet=UNet2DConditionModel(**config))
