@@ -59,7 +59,9 @@ def check_pipeline_folder(path: str | os.PathLike, skipped: tuple[str, ...] = ()
             )
 
 
-def check_components_fit(unet, text_encoder, vae, source: str, conditioning_channels: tuple[int, ...] = (0,)) -> None:
+def check_components_fit(
+    unet, text_encoder, vae, source: str, conditioning_channels: tuple[int, ...] = (0,)
+) -> None:
     """The UNet must take the text encoder's width and the VAE's latent channels, plus one of
     `conditioning_channels` more (an inpainting UNet's mask and masked image, an upscaler's image); missing
     components pass.
@@ -86,7 +88,11 @@ def check_components_fit(unet, text_encoder, vae, source: str, conditioning_chan
             )
         channels, latent = unet.config.in_channels, vae.config.latent_channels
         if channels - latent not in conditioning_channels:
-            extra = "" if conditioning_channels == (0,) else f" (plus one of {conditioning_channels} image channels)"
+            extra = (
+                ""
+                if conditioning_channels == (0,)
+                else f" (plus one of {conditioning_channels} image channels)"
+            )
             raise ValueError(
                 f"In {source} the UNet takes {channels} input channels but the VAE makes {latent}-channel "
                 f"latents{extra}; use the VAE the UNet was trained with."
@@ -97,7 +103,9 @@ def check_upscale_fits(unet, vae, max_noise_level) -> None:
     """An upscaler's UNet reads the latents and a 3-channel image, and has a class embedding for every noise level
     up to `max_noise_level` (missing components pass)."""
     if not isinstance(max_noise_level, int) or isinstance(max_noise_level, bool) or max_noise_level < 0:
-        raise ValueError(f"max_noise_level={max_noise_level!r} must be an integer >= 0 (350 in Stable Diffusion's).")
+        raise ValueError(
+            f"max_noise_level={max_noise_level!r} must be an integer >= 0 (350 in Stable Diffusion's)."
+        )
     if unet is None:
         return
     if vae is not None and unet.config.in_channels != vae.config.latent_channels + 3:

@@ -142,7 +142,6 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-
 def with_x4_vae(name: str) -> dict[str, dict[str, Any]]:
     """Preset `name` with a 4x VAE (three levels: its first three, the last width repeated if it has fewer), the
     factor of Stable Diffusion's x4 upscaler: latents the size of an image 4x smaller, which an upscaler's UNet reads
@@ -216,7 +215,9 @@ def upscaler_unet_config(
 def upscaler_schedulers() -> tuple[DDPMScheduler, DDIMScheduler]:
     """An upscaler's (low_res_scheduler, scheduler): Stable Diffusion's x4 upscaler noises the low-resolution image
     on a linear DDPM schedule (betas 0.0001 to 0.02, 1000 steps); the sampler is DDIM over `sd_scheduler`'s schedule."""
-    low_res = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+    low_res = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02
+    )
     return low_res, sd_scheduler()
 
 

@@ -48,7 +48,11 @@ CASES = {
     "noise_level_250": dict(prompt=["a red circle", "a cat"], image=LOW, noise_level=250, guidance_scale=7.5),
     "unguided": dict(prompt="a red circle", image=LOW[0], noise_level=100, guidance_scale=1.0),
     "two_per_prompt": dict(
-        prompt="a cat", image=LOW[1], noise_level=20, guidance_scale=4.0, num_images_per_prompt=2,
+        prompt="a cat",
+        image=LOW[1],
+        noise_level=20,
+        guidance_scale=4.0,
+        num_images_per_prompt=2,
         negative_prompt="blurry",
     ),  # fmt: skip
 }
@@ -66,7 +70,9 @@ def test_the_noise_level_and_the_image_change_the_output(upscaler):
     kwargs = dict(BASE, prompt="a cat", image=LOW[0], guidance_scale=1.0)
     at = {level: upscaler(**kwargs, noise_level=level, generator=torch.Generator().manual_seed(5)).images
           for level in (0, 300)}  # fmt: skip
-    other = upscaler(**dict(kwargs, image=LOW[1]), noise_level=0, generator=torch.Generator().manual_seed(5)).images
+    other = upscaler(
+        **dict(kwargs, image=LOW[1]), noise_level=0, generator=torch.Generator().manual_seed(5)
+    ).images
     assert np.abs(at[0] - at[300]).max() > 1e-3 and np.abs(at[0] - other).max() > 1e-3
 
 
@@ -113,7 +119,10 @@ def test_a_step_callback_sees_the_noised_image(upscaler):
 
 
 BAD = {
-    "noise level above the maximum": (dict(noise_level=351), r"noise_level=351 must be an integer in \[0, 350\]"),
+    "noise level above the maximum": (
+        dict(noise_level=351),
+        r"noise_level=351 must be an integer in \[0, 350\]",
+    ),
     "negative noise level": (dict(noise_level=-1), "noise_level=-1"),
     "two images for one prompt": (dict(image=LOW), "image holds 2 images for 1 prompts"),
     "no image": (dict(image=None), "image is required"),

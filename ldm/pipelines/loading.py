@@ -147,7 +147,11 @@ class PipelineLoadingMixin:
         check_pipeline_folder(pretrained_model_name_or_path, SKIPPED_COMPONENTS)
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         check_components_fit(
-            pipe.unet, pipe.text_encoder, pipe.vae, str(pretrained_model_name_or_path), cls.conditioning_channels
+            pipe.unet,
+            pipe.text_encoder,
+            pipe.vae,
+            str(pretrained_model_name_or_path),
+            cls.conditioning_channels,
         )
         return pipe
 

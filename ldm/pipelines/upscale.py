@@ -135,7 +135,9 @@ class LatentUpscalePipeline(LatentPipeline):
         are asked for; both orders agree otherwise).
         """
         device = self._execution_device
-        image = self.image_processor.preprocess(as_pixels(image, "image", self.vae_scale_factor)).to(device, dtype)
+        image = self.image_processor.preprocess(as_pixels(image, "image", self.vae_scale_factor)).to(
+            device, dtype
+        )
         noise = randn_tensor(image.shape, generator=generator, device=device, dtype=dtype)
         level = torch.tensor([noise_level], dtype=torch.long, device=device)
         image = self.low_res_scheduler.add_noise(image, noise, level)

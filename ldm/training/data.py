@@ -180,8 +180,9 @@ class TrainDataset(torch.utils.data.Dataset):
 
     @functools.cached_property
     def conditioning_hash(self) -> str | None:
-        """A hash of every row's conditioning image bytes (None without a conditioning column)."""
-        if self.conditioning_column is None:
+        """A hash of every row's conditioning image bytes (None without a conditioning column, or when it is the
+        image column, as an upscaler's is: `content_hash` covers it)."""
+        if self.conditioning_column in (None, self.columns[0]):
             return None
         digest = hashlib.blake2b(digest_size=16)
         for row in self.dataset.select_columns(
@@ -370,7 +371,7 @@ def build_train_and_heldout(
     if isinstance(dataset, datasets.IterableDataset):
         if num_heldout:
             heldout = datasets.Dataset.from_list(list(dataset.take(num_heldout)))
-            for column in (config.image_column, conditioning_column):
+            for column in dict.fromkeys((config.image_column, conditioning_column)):
                 if column is not None:
                     heldout = heldout.cast_column(column, datasets.Image(decode=False))
             dataset = dataset.skip(num_heldout)

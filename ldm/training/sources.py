@@ -53,9 +53,10 @@ def load_image_caption_dataset(
     if conditioning_column is not None:
         columns["conditioning_image_column"] = conditioning_column
     _check_columns(_column_names(dataset), columns)
-    dataset = dataset.select_columns(list(columns.values()))
+    # An upscaler's conditioning column is its image column: each column once.
+    dataset = dataset.select_columns(list(dict.fromkeys(columns.values())))
     if dataset.features is not None:  # a stream without declared features is not decoded anyway
-        for column in (config.image_column, conditioning_column):
+        for column in dict.fromkeys((config.image_column, conditioning_column)):
             if column is not None:
                 dataset = dataset.cast_column(column, datasets.Image(decode=False))
     if config.max_train_samples is not None:

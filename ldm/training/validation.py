@@ -81,6 +81,11 @@ def log_validation(
     if not config.validation_prompts:
         return None
     grid = validation_grid(pipe, config, seed, sizes, controls, **rows)
+    return save_grid(accelerator, grid, config, step, " | ".join(config.validation_prompts))
+
+
+def save_grid(accelerator, grid, config: TrainConfig, step: int, caption: str = "") -> Path:
+    """Save a validation grid as output_dir/validation/step-NNNNNN.png and log it to the run's trackers."""
     path = Path(config.output_dir) / "validation" / f"step-{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
@@ -90,9 +95,7 @@ def log_validation(
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log(
-                {"validation": wandb.Image(grid, caption=" | ".join(config.validation_prompts))}, step=step
-            )
+            tracker.log({"validation": wandb.Image(grid, caption=caption)}, step=step)
     return path
 
 
