@@ -28,11 +28,12 @@ from ldm.pipelines.controlnet_inpaint import LatentControlNetInpaintPipeline
 from ldm.pipelines.img2img import LatentImg2ImgPipeline
 from ldm.pipelines.inpaint import LatentInpaintPipeline
 from ldm.pipelines.text_to_image import LatentPipeline, LatentPipelineOutput
-from ldm.pipelines.upscale import LatentUpscalePipeline
+from ldm.pipelines.upscale import Cascade, LatentUpscalePipeline
 from ldm.presets import PRESETS, build_pipeline, build_unet
 from ldm.tokenizer import write_clip_tokenizer
 
 __all__ = [
+    "Cascade",
     "PRESETS",
     "LatentControlNetImg2ImgPipeline",
     "LatentControlNetInpaintPipeline",

@@ -2,7 +2,8 @@
 
 Text-to-image by default; `--image` turns it into img2img, `--image` with `--mask` into inpainting, and `--lora`
 loads a LoRA (diffusers or kohya format) first. `--controlnet` with `--control_image` adds a ControlNet to any of
-the three (`--canny` first turns the control image into its Canny edge map).
+the three (`--canny` first turns the control image into its Canny edge map). `--upscaler` runs a x4 upscaler on
+what any of them draws, with the same prompts (a cascade).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ldm.pipelines.controlnet_inpaint import LatentControlNetInpaintPipeline
 from ldm.pipelines.img2img import LatentImg2ImgPipeline
 from ldm.pipelines.inpaint import LatentInpaintPipeline
 from ldm.pipelines.text_to_image import LatentPipeline
+from ldm.pipelines.upscale import Cascade, LatentUpscalePipeline
 from ldm.schedulers import SCHEDULERS, scheduler_from_name
 
 
@@ -82,6 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--canny",
         action="store_true",
         help='With --control_image: use its Canny edge map (needs OpenCV: pip install "ldm[canny]").',
+    )
+    parser.add_argument(
+        "--upscaler",
+        default=None,
+        help="A x4 upscaler pipeline folder or Hub id (train_upscaler.py, or Stable Diffusion's): upscale every "
+        "image with its prompt.",
+    )
+    parser.add_argument(
+        "--noise_level", type=int, default=20, help="With --upscaler: noise added to its input (default 20)."
+    )
+    parser.add_argument(
+        "--upscale_steps", type=int, default=25, help="With --upscaler: its denoising steps (default 25)."
+    )
+    parser.add_argument(
+        "--upscale_guidance",
+        type=float,
+        default=9.0,
+        help="With --upscaler: its classifier-free guidance scale (default 9, diffusers' upscaler's).",
     )
     parser.add_argument(
         "--out",
@@ -172,6 +192,8 @@ def load_checked(parser: argparse.ArgumentParser, args: argparse.Namespace) -> L
         check_guidance(args.guidance, name="--guidance")
         check_image_flags(parser, args)
         check_control_flags(parser, args)
+        check_count("--upscale_steps", args.upscale_steps, example=25)
+        check_guidance(args.upscale_guidance, name="--upscale_guidance")
     except ValueError as err:
         parser.error(str(err).replace("strength=", "--strength="))
     try:
@@ -241,6 +263,21 @@ def control_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace, pi
     return pipe, {image_argument: control, "controlnet_conditioning_scale": scale}
 
 
+def upscaled(parser: argparse.ArgumentParser, args: argparse.Namespace, pipe: LatentPipeline):
+    """With --upscaler: a cascade of `pipe` and the upscaler (its noise level checked against the upscaler's
+    maximum); else `pipe`."""
+    if args.upscaler is None:
+        return pipe
+    try:
+        upscaler = LatentUpscalePipeline.from_pretrained(args.upscaler)
+    except (OSError, ValueError) as err:
+        parser.error(f"--upscaler {args.upscaler}: {str(err).strip().splitlines()[0]}")
+    try:
+        return Cascade(pipe, upscaler, args.noise_level, args.upscale_steps, args.upscale_guidance)
+    except ValueError as err:
+        parser.error(str(err).replace("noise_level=", "--noise_level="))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Load the pipeline, generate, and write one PNG (a grid with one row per prompt when several images)."""
     parser = build_parser()
@@ -251,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     pipe.scheduler = scheduler_from_name(scheduler, pipe.scheduler.config)
     pipe, image_kwargs = image_inputs(parser, args, pipe)
     pipe, control_kwargs = control_inputs(parser, args, pipe)
+    pipe = upscaled(parser, args, pipe)
     pipe.to(args.device)
     total = len(args.prompts) * args.num
     # One generator per image, so an image does not change when more prompts or images are asked for.

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from diffusers import StableDiffusionUpscalePipeline, UNet2DConditionModel
 
-from ldm import LatentUpscalePipeline
+from ldm import Cascade, LatentPipeline, LatentUpscalePipeline
+from ldm.cli import main
 from ldm.presets import build_upscale_pipeline, unet_config
 from tests.test_image_pipelines import rgb_image
 
@@ -151,3 +153,59 @@ def test_a_unet_that_is_no_upscaler_is_refused(upscaler, tiny_pipe):
     config = dict(unet_config("tiny-x4", 32), in_channels=7, out_channels=4, num_class_embeds=100)
     with pytest.raises(ValueError, match="num_class_embeds > max_noise_level=350"):
         LatentUpscalePipeline.from_pipe(upscaler, unet=UNet2DConditionModel(**config))
+
+
+def test_a_cascade_upscales_the_base_models_8_bit_images_with_their_prompts(tiny_pipe, upscaler):
+    cascade = Cascade(tiny_pipe, upscaler, noise_level=30, upscale_steps=2, upscale_guidance_scale=3.0)
+    prompts = ["a red circle", "a cat"]
+    seeded = lambda: [torch.Generator().manual_seed(k) for k in range(4)]  # noqa: E731
+    out = cascade(
+        prompts, num_images_per_prompt=2, num_inference_steps=2, generator=seeded(), output_type="np"
+    )
+    assert out.images.shape == (4, 64, 64, 3)  # 16 px base images, x4
+    generators = seeded()
+    small = tiny_pipe(prompts, num_images_per_prompt=2, num_inference_steps=2, generator=generators).images
+    expected = upscaler(
+        [p for p in prompts for _ in range(2)], image=small, noise_level=30, num_inference_steps=2,
+        guidance_scale=3.0, generator=generators, output_type="np",
+    ).images  # fmt: skip
+    assert np.abs(out.images - expected).max() <= 1e-6
+
+
+def test_ldm_generate_cascades_with_upscaler(saved_tiny_pipe, upscaler, tmp_path):
+    upscaler.save_pretrained(tmp_path / "upscaler")
+    main([
+        "a red cat", "a blue dog", "--model", str(saved_tiny_pipe), "--steps", "2", "--upscaler",
+        str(tmp_path / "upscaler"), "--upscale_steps", "2", "--noise_level", "50", "--out", str(tmp_path / "x.png"),
+    ])  # fmt: skip
+    grid = PIL.Image.open(tmp_path / "x.png")
+    assert grid.size == (64, 128)  # one column, two rows of 64 px upscaled images
+    base = LatentPipeline.from_pretrained(saved_tiny_pipe)
+    base.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(k) for k in range(2)]
+    small = base(["a red cat", "a blue dog"], num_inference_steps=2, generator=generators).images
+    expected = upscaler(
+        ["a red cat", "a blue dog"], image=small, noise_level=50, num_inference_steps=2, guidance_scale=9.0,
+        generator=generators,
+    ).images  # fmt: skip
+    first = np.asarray(grid, dtype=np.int16)[:64]
+    assert np.abs(first - np.asarray(expected[0], dtype=np.int16)).max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--upscaler", "{d}/nowhere"], "--upscaler {d}/nowhere"),
+        (["--upscaler", "{d}/upscaler", "--noise_level", "400"], "--noise_level=400 must be an integer in"),
+        (["--upscaler", "{d}/upscaler", "--upscale_steps", "0"], "--upscale_steps=0 must be an integer >= 1"),
+    ],
+)
+def test_bad_upscaler_flags_exit_2_naming_the_flag(
+    saved_tiny_pipe, upscaler, tmp_path, capsys, flags, message
+):
+    upscaler.save_pretrained(tmp_path / "upscaler")
+    argv = ["a cat", "--model", str(saved_tiny_pipe), "--out", str(tmp_path / "x.png")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + [f.format(d=tmp_path) for f in flags])
+    assert exit_info.value.code == 2
+    assert message.format(d=tmp_path) in capsys.readouterr().err

@@ -7,9 +7,10 @@ from ldm.pipelines.controlnet_inpaint import LatentControlNetInpaintPipeline
 from ldm.pipelines.img2img import LatentImg2ImgPipeline
 from ldm.pipelines.inpaint import LatentInpaintPipeline
 from ldm.pipelines.text_to_image import LatentPipeline, LatentPipelineOutput
-from ldm.pipelines.upscale import LatentUpscalePipeline
+from ldm.pipelines.upscale import Cascade, LatentUpscalePipeline
 
 __all__ = [
+    "Cascade",
     "LatentControlNetImg2ImgPipeline",
     "LatentControlNetInpaintPipeline",
     "LatentControlNetPipeline",

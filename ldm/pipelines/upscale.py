@@ -255,3 +255,75 @@ class LatentUpscalePipeline(LatentPipeline):
 
         # 7. Decode to images
         return self.finish_call(self.decode_latents(latents, output_type, generator), return_dict)
+
+
+class Cascade:
+    """A cascade (Ho et al. 2021): a base pipeline draws the image, an upscaler enlarges it with the same prompt.
+
+        cascade = Cascade(LatentPipeline.from_pretrained(base), LatentUpscalePipeline.from_pretrained(upscaler))
+        images = cascade("a red circle on the left", guidance_scale=7.5, generator=torch.Generator().manual_seed(0))
+
+    The upscaler reads the base's images as a PNG holds them (8-bit), at `noise_level`, and draws from the same
+    generator(s) after the base. Keyword arguments other than these go to the base pipeline.
+
+    Args:
+        base: A text-to-image pipeline (`LatentPipeline`, or any with its call signature).
+        upscaler: The `LatentUpscalePipeline` to run on the base's output.
+        noise_level, upscale_steps, upscale_guidance_scale: The upscaler's `noise_level`, `num_inference_steps` and
+            `guidance_scale`.
+    """
+
+    def __init__(
+        self,
+        base: LatentPipeline,
+        upscaler: LatentUpscalePipeline,
+        noise_level: int = 20,
+        upscale_steps: int = 25,
+        upscale_guidance_scale: float = 9.0,
+    ):
+        check_noise_level(noise_level, upscaler.config.max_noise_level)
+        self.base, self.upscaler = base, upscaler
+        self.noise_level, self.upscale_steps, self.upscale_guidance_scale = (
+            noise_level, upscale_steps, upscale_guidance_scale,
+        )  # fmt: skip
+
+    def to(self, *args, **kwargs) -> Cascade:
+        """Move both pipelines (`DiffusionPipeline.to`'s arguments)."""
+        self.base.to(*args, **kwargs)
+        self.upscaler.to(*args, **kwargs)
+        return self
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """Both pipelines' progress bars."""
+        self.base.set_progress_bar_config(**kwargs)
+        self.upscaler.set_progress_bar_config(**kwargs)
+
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        **base_kwargs,
+    ) -> LatentPipelineOutput:
+        """Base images (8-bit, as saved), then each upscaled with its own prompt; returns the upscaled images."""
+        small = self.base(
+            prompt, negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt,
+            generator=generator, output_type="pil", **base_kwargs,
+        ).images  # fmt: skip
+
+        def per_image(texts):
+            if texts is None:
+                return None
+            return [
+                t
+                for t in ([texts] if isinstance(texts, str) else texts)
+                for _ in range(num_images_per_prompt)
+            ]
+
+        return self.upscaler(
+            per_image(prompt), image=small, negative_prompt=per_image(negative_prompt),
+            num_inference_steps=self.upscale_steps, guidance_scale=self.upscale_guidance_scale,
+            noise_level=self.noise_level, generator=generator, output_type=output_type,
+        )  # fmt: skip

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
-from diffusers.utils import make_image_grid
 
+from ldm.images import image_grid
 from ldm.pipelines.upscale import UPSCALER_SCALING_FACTOR, LatentUpscalePipeline
 from ldm.seeding import keyed_generator
 from ldm.training.checkpoint import EXPORT_FOLDER, PipelineExport, save_pipeline
@@ -272,7 +272,7 @@ def upscale_grid(pipe: LatentUpscalePipeline, batch: dict, config: UpscalerTrain
         size = target.size
         resample = PIL.Image.Resampling
         cells += [small.resize(size, resample.NEAREST), small.resize(size, resample.BICUBIC), big, target]
-    return make_image_grid(cells, rows=len(low), cols=4)
+    return image_grid(cells, cols=4)
 
 
 @dataclass
