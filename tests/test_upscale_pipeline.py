@@ -209,3 +209,36 @@ def test_bad_upscaler_flags_exit_2_naming_the_flag(
         main(argv + [f.format(d=tmp_path) for f in flags])
     assert exit_info.value.code == 2
     assert message.format(d=tmp_path) in capsys.readouterr().err
+
+
+def test_large_inputs_upscale_in_blended_tiles(upscaler):
+    wide = rgb_image(4, (16, 8))  # 16 px wide, 8 high: tiles of 8 overlapping by 2 start at x = 0, 6 and 8
+    kwargs = dict(BASE, prompt="a cat", noise_level=20, guidance_scale=3.0)
+    tiled = upscaler(
+        **kwargs, image=wide, tile_size=8, tile_overlap=2, generator=torch.Generator().manual_seed(5)
+    )
+    assert tiled.images.shape == (1, 32, 64, 3)
+    # Left of every overlap only the first tile counts: there the image is that tile's, upscaled on its own.
+    first = upscaler(
+        **kwargs, image=wide.crop((0, 0, 8, 8)), generator=torch.Generator().manual_seed(5)
+    ).images
+    assert np.abs(tiled.images[:, :, :24] - first[:, :, :24]).max() <= 1e-5
+    assert np.isfinite(tiled.images).all()
+    # Inputs no larger than a tile run whole.
+    whole = upscaler(**kwargs, image=LOW[0], tile_size=8, generator=torch.Generator().manual_seed(5)).images
+    assert np.array_equal(
+        whole, upscaler(**kwargs, image=LOW[0], generator=torch.Generator().manual_seed(5)).images
+    )
+
+
+@pytest.mark.parametrize(
+    ("tiles", "message"),
+    [
+        (dict(tile_size=6), "tile_size=6 must be a positive multiple of the VAE scale factor 4"),
+        (dict(tile_size=8, tile_overlap=4), r"tile_overlap=4 must be an integer in \[0, tile_size / 2\)"),
+        (dict(tile_size=8, latents=torch.zeros(1, 4, 2, 4)), "latents cannot be given with tile_size"),
+    ],
+)
+def test_bad_tiles_are_refused(upscaler, tiles, message):
+    with pytest.raises(ValueError, match=message):
+        upscaler(**dict(BASE, prompt="a cat", image=rgb_image(4, (16, 8))), **tiles)

@@ -31,7 +31,15 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
-from ldm.checks import as_pixels, check_noise_level, check_upscale_fits, image_channels, image_count, image_hw
+from ldm.checks import (
+    as_pixels,
+    check_noise_level,
+    check_prompts,
+    check_upscale_fits,
+    image_channels,
+    image_count,
+    image_hw,
+)
 from ldm.encoding import vae_scale_factor
 from ldm.pipelines.text_to_image import LatentPipeline, LatentPipelineOutput
 
@@ -158,6 +166,48 @@ class LatentUpscalePipeline(LatentPipeline):
         """The low-resolution image's noise level, as the UNet's class label."""
         return {"class_labels": self._noise_levels}
 
+    # ------------------------------------------------------------------ large inputs, in tiles
+
+    def upscale_in_tiles(
+        self,
+        image,
+        tile_size: int,
+        overlap: int,
+        per_image: dict,
+        output_type: str,
+        return_dict: bool,
+        **call,
+    ) -> LatentPipelineOutput | tuple:
+        """Upscale each image of `image` tile by tile (see `__call__`'s tile_size) and blend the tiles' overlaps
+        with linear ramps. `per_image` holds the arguments with one entry per image (prompts, embeddings,
+        generators), `call` the rest of `__call__`'s, the same for every tile."""
+        f, n = self.vae_scale_factor, call["num_images_per_prompt"]
+        pixels = (
+            self.image_processor.preprocess(as_pixels(image, "image", f)) + 1
+        ) / 2  # (B, 3, H, W) in [0, 1]
+        outputs = []
+        for k, one in enumerate(pixels):
+            mine = {name: pick(value, k, n) for name, value in per_image.items()}
+            height, width = one.shape[-2:]
+            total = torch.zeros(n, 3, height * f, width * f)
+            weight = torch.zeros(1, 1, height * f, width * f)
+            for top in tile_starts(height, tile_size, overlap):
+                for left in tile_starts(width, tile_size, overlap):
+                    window = one[:, top : top + tile_size, left : left + tile_size]
+                    tile = self(image=window[None], output_type="pt", **mine, **call).images.cpu()
+                    ramp = blend_weights(window.shape[-2:], (top, left), (height, width), overlap, f)
+                    rows, cols = (
+                        slice(top * f, top * f + tile.shape[-2]),
+                        slice(left * f, left * f + tile.shape[-1]),
+                    )
+                    total[..., rows, cols] += tile * ramp
+                    weight[..., rows, cols] += ramp
+            outputs.append(total / weight)
+        images = torch.cat(outputs)
+        if output_type != "pt":
+            images = self.image_processor.postprocess(images * 2 - 1, output_type=output_type)
+        return self.finish_call(images, return_dict)
+
     # ------------------------------------------------------------------ the whole call
 
     @torch.no_grad()
@@ -181,6 +231,8 @@ class LatentUpscalePipeline(LatentPipeline):
         clip_skip: int | None = None,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        tile_size: int | None = None,
+        tile_overlap: int | None = None,
     ) -> LatentPipelineOutput | tuple:
         """Upscale `image` 4x guided by `prompt`. Arguments, order and meaning are `StableDiffusionUpscalePipeline`'s
         (its deprecated `callback`/`callback_steps` are `callback_on_step_end`, as in the other pipelines).
@@ -193,6 +245,10 @@ class LatentUpscalePipeline(LatentPipeline):
             guidance_scale: s in eps_uncond + s * (eps_cond - eps_uncond); s <= 1 runs the conditional branch only.
             noise_level: The noise added to `image` first, in [0, max_noise_level]: higher tolerates a flawed input
                 (a base model's sample) and follows it less closely.
+            tile_size, tile_overlap: For inputs too large to upscale at once (memory grows with the pixels): cut
+                each image into tile_size x tile_size squares (input pixels, a multiple of the VAE factor) that
+                overlap by tile_overlap (default a quarter of a tile), upscale each with the same prompt and settings, and blend the overlaps
+                linearly. None (default) upscales whole images. Not with `latents`.
             The other arguments are `LatentPipeline.__call__`'s.
 
         Returns:
@@ -210,6 +266,24 @@ class LatentUpscalePipeline(LatentPipeline):
         f = self.vae_scale_factor
         low_height, low_width = image_hw(image)
         height, width = max(low_height // f, 1) * f * f, max(low_width // f, 1) * f * f
+        if tile_size is not None:
+            tile_overlap = (
+                tile_size // 4 if tile_overlap is None and isinstance(tile_size, int) else tile_overlap
+            )
+            check_tiles(tile_size, tile_overlap, f, latents)
+            count = check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+            check_image_count(image, count)
+            if max(low_height, low_width) > tile_size:
+                return self.upscale_in_tiles(
+                    image, tile_size, tile_overlap,
+                    dict(prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+                         negative_prompt_embeds=negative_prompt_embeds, generator=generator),
+                    output_type, return_dict, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                    noise_level=noise_level, num_images_per_prompt=num_images_per_prompt, eta=eta,
+                    cross_attention_kwargs=cross_attention_kwargs, clip_skip=clip_skip,
+                    callback_on_step_end=callback_on_step_end,
+                    callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                )  # fmt: skip
 
         # 1. Check inputs
         batch_size = self.check_inputs(
@@ -218,15 +292,7 @@ class LatentUpscalePipeline(LatentPipeline):
             tensor_inputs, clip_skip=clip_skip, cross_attention_kwargs=cross_attention_kwargs,
         )  # fmt: skip
         check_noise_level(noise_level, self.config.max_noise_level)
-        count, channels = image_count(image), image_channels(image)
-        if count != batch_size:
-            raise ValueError(
-                f"image holds {count} images for {batch_size} prompts; pass one low-resolution image per prompt."
-            )
-        if channels not in (None, 3):
-            raise ValueError(
-                f"image has {channels} channels; pass RGB images: PIL, (H, W, 3) arrays or (B, 3, H, W) tensors."
-            )
+        check_image_count(image, batch_size)
         self.start_call(guidance_scale, 0.0, clip_skip, cross_attention_kwargs)
         total = batch_size * num_images_per_prompt
 
@@ -255,6 +321,71 @@ class LatentUpscalePipeline(LatentPipeline):
 
         # 7. Decode to images
         return self.finish_call(self.decode_latents(latents, output_type, generator), return_dict)
+
+
+def check_image_count(image, batch_size: int) -> None:
+    """One RGB low-resolution image per prompt."""
+    count, channels = image_count(image), image_channels(image)
+    if count != batch_size:
+        raise ValueError(
+            f"image holds {count} images for {batch_size} prompts; pass one low-resolution image per prompt."
+        )
+    if channels not in (None, 3):
+        raise ValueError(
+            f"image has {channels} channels; pass RGB images: PIL, (H, W, 3) arrays or (B, 3, H, W) tensors."
+        )
+
+
+def pick(value, k: int, per_image: int):
+    """Image k's share of a per-image argument: its prompt or embedding, its `per_image` generators; a single
+    string or generator is everyone's."""
+    if value is None or isinstance(value, (str, torch.Generator)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return value[k : k + 1]
+    if isinstance(value, list) and value and isinstance(value[0], torch.Generator):
+        return value[k * per_image : (k + 1) * per_image]
+    return value[k]
+
+
+def check_tiles(tile_size, tile_overlap, factor: int, latents) -> None:
+    """Tiles are multiples of the VAE factor that overlap by less than half their side; not with given latents."""
+    if not isinstance(tile_size, int) or tile_size < factor or tile_size % factor:
+        raise ValueError(
+            f"tile_size={tile_size!r} must be a positive multiple of the VAE scale factor {factor}."
+        )
+    if not isinstance(tile_overlap, int) or not 0 <= tile_overlap < tile_size // 2:
+        raise ValueError(f"tile_overlap={tile_overlap!r} must be an integer in [0, tile_size / 2).")
+    if latents is not None:
+        raise ValueError(
+            "latents cannot be given with tile_size: each tile draws its own; pass one or the other."
+        )
+
+
+def tile_starts(side: int, tile: int, overlap: int) -> list[int]:
+    """Where tiles of `tile` pixels start along a side of `side`, each overlapping the last by at least
+    `overlap`, the last ending at the side."""
+    if side <= tile:
+        return [0]
+    starts = list(range(0, side - tile, tile - overlap))
+    return starts + [side - tile]
+
+
+def blend_weights(size, start, whole, overlap: int, factor: int) -> torch.Tensor:
+    """(1, 1, h * factor, w * factor) weights of an upscaled tile: rising linearly across `overlap` input pixels
+    at each side it shares with a neighbour, 1 elsewhere (and at the image's own borders)."""
+    ramps = []
+    for length, begin, full in zip(size, start, whole, strict=True):
+        n = length * factor
+        ramp = torch.ones(n)
+        span = max(overlap * factor, 1)
+        rise = (torch.arange(span) + 0.5) / span
+        if begin > 0:
+            ramp[:span] = torch.minimum(ramp[:span], rise)
+        if begin + length < full:
+            ramp[n - span :] = torch.minimum(ramp[n - span :], rise.flip(0))
+        ramps.append(ramp)
+    return (ramps[0][:, None] * ramps[1][None, :])[None, None]
 
 
 class Cascade:
