@@ -15,7 +15,8 @@ The package map (README's Layout section has the same table):
   `encoders` (batch -> latents, text embeddings) -> `loss` -> optimizer; `loop` (the one step loop every trainer
   runs), `run` (what every trainer does around it: start-up, accelerator, data, frozen models, optimizer, loader,
   end of run), `checkpoint` (save, resume, prune, upload, final save), `lora` (adapters and their files),
-  `controlnet` (a ControlNet run's options, initialisation, files), `validation`, `guards` (lock, run fingerprint),
+  `controlnet` (a ControlNet run's options, initialisation, files), `lcm` (consistency distillation), `upscaler`
+  (x4 upscaler training), `validation`, `guards` (lock, run fingerprint),
   `integrity` (manifests), `distributed`, `vae`.
 - `shapes/`: the offline demo world: `synthetic` data, `detector`, `adherence` evaluation, `text_stack`, `aspects`
   (mixed-aspect copies).

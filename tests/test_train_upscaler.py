@@ -13,7 +13,8 @@ from PIL import Image
 
 from ldm import LatentUpscalePipeline, build_pipeline
 from ldm.encoding import scale_latents, unscale_latents
-from ldm.training.upscaler import downsample, random_windows, rescale_vae_latents
+from ldm.training.transforms import random_windows
+from ldm.training.upscaler import downsample, rescale_vae_latents
 from tests.training_helpers import HUB_TOKEN, ROOT, launch, load_script, make_world, same_tensors, tensors
 
 SCRIPT = "train_upscaler.py"
@@ -185,8 +186,8 @@ def test_downsampling_filters_before_it_decimates():
 def test_windows_are_cut_at_the_same_place_in_latents_and_pixels():
     pixels = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32)
     latents = pixels[:, :, ::4, ::4].clone()  # the pixel at each latent's top-left corner
-    cut_latents, cut_pixels = random_windows(latents, pixels, 16, 4, torch.Generator().manual_seed(3))
+    cut_latents, cut_pixels = random_windows(torch.Generator().manual_seed(3), 4, latents, pixels)
     assert cut_latents.shape == (2, 3, 4, 4) and cut_pixels.shape == (2, 3, 16, 16)
     assert torch.equal(cut_pixels[:, :, ::4, ::4], cut_latents)
-    whole = random_windows(latents, pixels, None, 4, torch.Generator())
+    whole = random_windows(torch.Generator(), 8, latents, pixels)
     assert whole[0] is latents and whole[1] is pixels

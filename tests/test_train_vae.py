@@ -76,6 +76,16 @@ def test_trains_saves_scaling_factor_and_reuses(data_dir, tmp_path):
     assert (out / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == weights
 
 
+def test_trains_on_random_windows_and_measures_whole_images(data_dir, tmp_path):
+    out = tmp_path / "vae"
+    argv = base_args(data_dir, out)
+    del argv[argv.index("--use_discriminator") : argv.index("--use_discriminator") + 3]
+    launch(*argv, "--crop_resolution", "8", "--max_train_steps", "2")
+    metrics = json.loads((out / "vae_metrics.json").read_text())
+    assert metrics["settings"]["crop_resolution"] == 8 and metrics["steps"] == 2
+    assert 0 < metrics["psnr_db"] < 100 and AutoencoderKL.from_pretrained(out).config.sample_size == 16
+
+
 def load_script():
     """train/train_vae.py as a module, to check its flags in-process without launching."""
     spec = importlib.util.spec_from_file_location("train_vae", SCRIPT)
@@ -95,6 +105,8 @@ def load_script():
         ({"--disc_start_step": "4"}, "never trains"),
         ({"--use_discriminator": None, "--disc_weight": "0.1"}, "only apply with --use_discriminator"),
         ({"--lr_scheduler": "constant"}, "has no warm-up"),
+        ({"--crop_resolution": "32"}, r"--crop_resolution 32 must be in \(0, --resolution 16\]"),
+        ({"--crop_resolution": "7"}, "--crop_resolution 7 is not divisible by the downsampling factor 2"),
     ],
 )
 def test_bad_flags_fail_with_a_clear_message(data_dir, tmp_path, change, message):

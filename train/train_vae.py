@@ -35,7 +35,7 @@ from ldm.training.config import TrainConfig, load_config, require
 from ldm.training.data import TrainDataset, collate_fn
 from ldm.training.distributed import finish, setup_logging, total_over_processes
 from ldm.training.sources import load_image_caption_dataset
-from ldm.training.transforms import ImageCaptionTransform
+from ldm.training.transforms import ImageCaptionTransform, random_windows
 from ldm.training.vae import (
     AutoencoderWithPosterior,
     PatchDiscriminator,
@@ -263,6 +263,9 @@ def main(argv: list[str] | None = None) -> None:
             generator = keyed_generator(
                 config.seed, global_step, accelerator.process_index, device=accelerator.device
             )
+            if config.crop_resolution is not None:  # the windows' places: a CPU draw, the same on any device
+                windows = keyed_generator(config.seed, global_step, accelerator.process_index, 1)
+                (x,) = random_windows(windows, config.crop_resolution, x)
             gan_on = disc is not None and global_step >= config.disc_start_step
 
             # The autoencoder (generator) step.

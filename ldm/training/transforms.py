@@ -328,3 +328,24 @@ def caption_dropout_mask(seed: int, epoch: int, indices: torch.Tensor | list[int
     indices = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
     coins = [np.random.default_rng([seed, epoch, int(i), _DROPOUT_STREAM]).random() for i in indices]
     return torch.tensor(coins, dtype=torch.float64).lt(p)  # (B,)
+
+
+def random_windows(generator: torch.Generator, side: int, *batches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One random square window per sample, cut at the same place from every batch (B, C, h_k, w_k): `side` is in
+    the first batch's units, and a batch k times its size gets a window k times larger (latents and their pixels).
+    The positions come from `generator`; a `side` not smaller than the first batch keeps whole images."""
+    height, width = batches[0].shape[-2:]
+    if side >= min(height, width):
+        return batches
+    count = len(batches[0])
+    tops = torch.randint(0, height - side + 1, (count,), generator=generator).tolist()
+    lefts = torch.randint(0, width - side + 1, (count,), generator=generator).tolist()
+    windows = []
+    for batch in batches:
+        k = batch.shape[-1] // width
+        cut = [
+            x[:, t * k : (t + side) * k, s * k : (s + side) * k]
+            for x, t, s in zip(batch, tops, lefts, strict=True)
+        ]
+        windows.append(torch.stack(cut))
+    return tuple(windows)

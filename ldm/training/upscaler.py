@@ -34,6 +34,7 @@ from ldm.training.checkpoint import EXPORT_FOLDER, PipelineExport, save_pipeline
 from ldm.training.config import TrainConfig, require
 from ldm.training.distributed import full_model
 from ldm.training.loss import diffusion_loss, sample_noise_and_timesteps
+from ldm.training.transforms import random_windows
 from ldm.training.validation import save_grid
 
 logger = get_logger(__name__)
@@ -146,26 +147,6 @@ def downsample(pixels: torch.Tensor, factor: int) -> torch.Tensor:
     return small.clamp(-1, 1)
 
 
-def random_windows(
-    latents: torch.Tensor, pixels: torch.Tensor, side: int | None, factor: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One random `side` x `side` window per sample, cut at the same place from the latents (B, C, h, w) and the
-    pixels (B, 3, h * factor, w * factor); the positions from `generator`. `side` None (or not smaller than the
-    image) keeps whole images."""
-    height, width = latents.shape[-2:]
-    if side is None or side // factor >= min(height, width):
-        return latents, pixels
-    n = side // factor
-    tops = torch.randint(0, height - n + 1, (len(latents),), generator=generator).tolist()
-    lefts = torch.randint(0, width - n + 1, (len(latents),), generator=generator).tolist()
-    latent_windows = [z[:, t : t + n, s : s + n] for z, t, s in zip(latents, tops, lefts, strict=True)]
-    pixel_windows = [
-        x[:, t * factor : (t + n) * factor, s * factor : (s + n) * factor]
-        for x, t, s in zip(pixels, tops, lefts, strict=True)
-    ]
-    return torch.stack(latent_windows), torch.stack(pixel_windows)
-
-
 def upscaler_denoising_loss(
     unet,
     latents: torch.Tensor,
@@ -215,7 +196,8 @@ def upscaler_loss(
     latents, text_embeds = batch_encoder(batch, generator)  # (B, C, h, w), (B, 77, D)
     pixels = batch["conditioning_pixel_values"].to(latents.device, latents.dtype) * 2 - 1  # (B, 3, H, W)
     factor = pixels.shape[-1] // latents.shape[-1]
-    latents, pixels = random_windows(latents, pixels, config.crop_resolution, factor, generator)
+    if config.crop_resolution is not None:
+        latents, pixels = random_windows(generator, config.crop_resolution // factor, latents, pixels)
     noise, timesteps = sample_noise_and_timesteps(
         latents, scheduler.config.num_train_timesteps, generator, config.noise_offset
     )

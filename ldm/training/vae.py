@@ -77,6 +77,13 @@ class VaeTrainConfig:
     )
     cache_dir: str | None = field(default=None, metadata={"help": "where datasets caches downloads"})
     resolution: int = field(default=64, metadata={"help": "side of the square centre crop"})
+    crop_resolution: int | None = field(
+        default=None,
+        metadata={
+            "help": "train on random squares of this side cut from each resolution-sized image (the held-out PSNR "
+            "stays on whole images): the scale the VAE will encode, at a fraction of the cost; default whole images"
+        },
+    )
     random_flip: bool = field(default=False, metadata={"help": "flip training images horizontally at random"})
     num_heldout: int = field(default=64, metadata={"help": "last N images: PSNR and scaling factor"})
     dataloader_num_workers: int = 0
@@ -134,6 +141,17 @@ class VaeTrainConfig:
             check_vae_resolution(
                 self.resolution, PRESETS[self.vae_preset]["vae"], f"preset {self.vae_preset!r}"
             )
+        if self.crop_resolution is not None:
+            require(
+                0 < self.crop_resolution <= self.resolution,
+                f"--crop_resolution {self.crop_resolution} must be in (0, --resolution {self.resolution}]; or drop "
+                "it to train on whole images.",
+            )
+            if self.vae_preset is not None:
+                vae = PRESETS[self.vae_preset]["vae"]
+                check_vae_resolution(
+                    self.crop_resolution, vae, f"preset {self.vae_preset!r}", "--crop_resolution"
+                )
         require(
             not (self.lr_scheduler == "constant" and self.lr_warmup_steps > 0),
             f"--lr_scheduler constant has no warm-up but --lr_warmup_steps is {self.lr_warmup_steps}; "
@@ -163,12 +181,12 @@ class VaeTrainConfig:
         )
 
 
-def check_vae_resolution(resolution: int, vae_config, source: str) -> None:
+def check_vae_resolution(resolution: int, vae_config, source: str, flag: str = "--resolution") -> None:
     """The image side must be a multiple of the VAE's downsampling factor, or the decoder cannot restore it."""
     factor = vae_scale_factor(vae_config)
     require(
         resolution % factor == 0,
-        f"--resolution {resolution} is not divisible by the downsampling factor {factor} of the VAE ({source}); "
+        f"{flag} {resolution} is not divisible by the downsampling factor {factor} of the VAE ({source}); "
         f"use a multiple of {factor}, e.g. {max(factor, resolution // factor * factor)}.",
     )
 
