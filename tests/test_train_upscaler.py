@@ -191,3 +191,45 @@ def test_windows_are_cut_at_the_same_place_in_latents_and_pixels():
     assert torch.equal(cut_pixels[:, :, ::4, ::4], cut_latents)
     whole = random_windows(torch.Generator(), 8, latents, pixels)
     assert whole[0] is latents and whole[1] is pixels
+
+
+def test_evaluate_upscaler_scores_bicubic_and_the_upscaler_and_the_cascade(upscale_world, tmp_path):
+    from ldm.presets import build_upscale_pipeline
+
+    build_upscale_pipeline("tiny-x4", upscale_world / "tokenizer", seed=0).save_pretrained(tmp_path / "up")
+    load_script("evaluate_upscaler").main(
+        ["--upscaler", str(tmp_path / "up"), "--base", str(upscale_world / "base"), "--prompts",
+         str(upscale_world / "data" / "heldout_prompts.jsonl"), "--seeds", "0", "1", "--steps", "2", "--base_steps",
+         "2", "--out_dir", str(tmp_path / "eval")]
+    )  # fmt: skip
+    report = json.loads((tmp_path / "eval" / "upscale.json").read_text())
+    assert (
+        report["resolution"] == 16 and report["num_images"] == 8
+    )  # 4 held-out prompts x 2 seeds, 4 px -> 16 px
+    for method in ("bicubic", "upscaler"):
+        assert {"psnr", "edge_sharpness", "consistency"} <= set(report["means"][method])
+        assert all(np.isfinite(list(report["means"][method].values())))
+    assert report["means"]["upscaler"]["seconds_per_image"] > 0
+    assert {"base", "cascade"} == set(report["cascade_accuracy"])
+    assert all(0 <= a["all"] <= 1 for a in report["cascade_accuracy"].values())
+    table = (tmp_path / "eval" / "upscale.txt").read_text()
+    assert "| bicubic  |" in table and "| cascade, 16 px" in table
+    assert Image.open(tmp_path / "eval" / "grid.png").size == (4 * 16, 4 * 16)  # 4 prompts at seed 0
+
+
+def test_the_evaluation_metrics_against_their_definitions():
+    evaluate = load_script("evaluate_upscaler")
+    square = np.zeros((32, 32, 3))
+    square[8:24, 8:24] = 1.0
+    blurred = (
+        np.asarray(
+            Image.fromarray((square * 255).astype(np.uint8))
+            .resize((8, 8), Image.Resampling.BOX)
+            .resize((32, 32))
+        )
+        / 255.0
+    )
+    assert evaluate.psnr(square, square) == float("inf")
+    assert evaluate.psnr(square, np.zeros_like(square)) == pytest.approx(10 * np.log10(1 / 0.25))
+    assert evaluate.edge_sharpness(square, square) == pytest.approx(1.0)
+    assert evaluate.edge_sharpness(blurred, square) < 0.8

@@ -153,6 +153,8 @@ def restore_heldout(upscaler: LatentUpscalePipeline, prompts, args) -> tuple[dic
 def cascade_accuracy(base: LatentPipeline, upscaler: LatentUpscalePipeline, prompts, args) -> dict:
     """Part 2: all-attribute accuracy of the base model's samples, and of the same samples upscaled."""
     cascade = Cascade(base, upscaler, args.noise_level, args.steps, args.guidance_scale)
+    # Attributes only: a ControlNet's masks and outlines (the demo writes them) are at the base model's size.
+    prompts = [{k: v for k, v in row.items() if k not in ("mask", "conditioning_image")} for row in prompts]
     accuracy = {}
     for name, pipe in (("base", base), ("cascade", cascade)):
         results = evaluate_adherence(
