@@ -32,7 +32,7 @@ def test_sd15_preset_has_stable_diffusion_15_shapes():
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"\['sd15', 'small', 'tiny', 'tiny-sd'\]"):
+    with pytest.raises(ValueError, match=r"\['sd15', 'small', 'small-x4', 'tiny', 'tiny-sd', 'tiny-x4'\]"):
         get_preset("huge")
 
 

@@ -197,6 +197,7 @@ def test_shipped_configs_load():
     from ldm.training.config import TrainConfig, load_config
     from ldm.training.controlnet import ControlNetTrainConfig
     from ldm.training.lcm import LCMTrainConfig
+    from ldm.training.upscaler import UpscalerTrainConfig
 
     kinds = {
         p.name: load_config_from_file(str(p)).distributed_type
@@ -216,9 +217,11 @@ def test_shipped_configs_load():
         if "pretrained_teacher_model" in given:  # diffusers' name for it, in the distillation config
             missing.pop("pretrained_model_name_or_path")
         extra = [arg for key, value in missing.items() if key not in given for arg in (f"--{key}", value)]
-        trainer_config = {"controlnet": ControlNetTrainConfig, "lcm": LCMTrainConfig}.get(
-            path.name.split("_")[0], TrainConfig
-        )
+        trainer_config = {
+            "controlnet": ControlNetTrainConfig,
+            "lcm": LCMTrainConfig,
+            "upscale": UpscalerTrainConfig,
+        }.get(path.name.split("_")[0], TrainConfig)
         config = load_config(["--config", str(path), *extra], trainer_config)
         assert type(config) is trainer_config
 
