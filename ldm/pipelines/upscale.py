@@ -247,8 +247,8 @@ class LatentUpscalePipeline(LatentPipeline):
                 (a base model's sample) and follows it less closely.
             tile_size, tile_overlap: For inputs too large to upscale at once (memory grows with the pixels): cut
                 each image into tile_size x tile_size squares (input pixels, a multiple of the VAE factor) that
-                overlap by tile_overlap (default a quarter of a tile), upscale each with the same prompt and settings, and blend the overlaps
-                linearly. None (default) upscales whole images. Not with `latents`.
+                overlap by tile_overlap (default a quarter of a tile), upscale each with the same prompt and
+                settings, and blend the overlaps linearly. None (default) upscales whole images. Not with `latents`.
             The other arguments are `LatentPipeline.__call__`'s.
 
         Returns:
