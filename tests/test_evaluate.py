@@ -161,9 +161,14 @@ def test_accuracy_by_color_counts_each_asked_for_colour():
         "color": 1.0,
         "all": 1.0,
         "num_images": sum(p["color"] == "red" for p in PROMPTS),
+        "rgb": list(COLORS["red"]),  # the generator's solid interior, exactly
     }
     assert all(entry["color"] == 0.0 for color, entry in by_color.items() if color != "red")
-    assert "     red     100.0%    100.0%" in format_color_table(results).splitlines()
+    # Every prompt got red: the colour drawn is red's, whatever colour was asked for.
+    assert all(entry["rgb"] == list(COLORS["red"]) for entry in by_color.values())
+    lines = format_color_table(results).splitlines()
+    assert "     red     100.0%    100.0%       220,30,30       220,30,30" in lines
+    assert "   green       0.0%      0.0%       30,170,40       220,30,30" in lines
 
 
 def test_best_guidance_table_and_json():

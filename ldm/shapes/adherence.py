@@ -25,12 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import PIL.Image
 from tqdm.auto import tqdm
 
 from ldm.images import image_grid
 from ldm.seeding import keyed_generator
-from ldm.shapes.detector import detect, mask_iou
+from ldm.shapes.detector import detect, drawn_color, mask_iou
 from ldm.shapes.synthetic import COLORS, POSITIONS, SHAPES
 
 ATTRIBUTES = ("shape", "color", "position")
@@ -249,6 +250,9 @@ def _score(
         "detected": detected,
         "correct": correct,
     }
+    drawn = drawn_color(image)
+    if drawn is not None:
+        record["rgb"] = [round(float(v), 1) for v in drawn]
     if mask is not None:
         record["iou"] = mask_iou(image, mask)
     return record
@@ -426,7 +430,8 @@ def format_table(results: dict) -> str:
 
 def accuracy_by_color(results: dict) -> dict[Setting, dict[str, dict[str, float]]]:
     """Per guidance scale (or setting) and asked-for colour: the fraction of its images whose colour, and all three
-    attributes, the detector reads as asked. {scale: {color: {"color": .., "all": .., "num_images": n}}}."""
+    attributes, the detector reads as asked, and the median colour drawn (the per-channel median of each image's
+    interior RGB; None when no image showed a shape). {scale: {color: {"color", "all", "num_images", "rgb"}}}."""
     table: dict[Setting, dict[str, dict[str, float]]] = {}
     for scale, entry in results["scales"].items():
         groups: dict[str, list[dict]] = {}
@@ -437,23 +442,38 @@ def accuracy_by_color(results: dict) -> dict[Setting, dict[str, dict[str, float]
                 "color": sum(r["correct"]["color"] for r in records) / len(records),
                 "all": sum(r["correct"]["all"] for r in records) / len(records),
                 "num_images": len(records),
+                "rgb": _median_rgb(records),
             }
             for color, records in groups.items()
         }
     return table
 
 
+def _median_rgb(records: Sequence[dict]) -> list[int] | None:
+    """The per-channel median of the records' drawn colours, rounded; None when no record has one."""
+    colors = [record["rgb"] for record in records if "rgb" in record]
+    return [round(float(v)) for v in np.median(colors, axis=0)] if colors else None
+
+
 def format_color_table(results: dict) -> str:
-    """A plain-text table: one row per asked-for colour, colour and all-three accuracy at each guidance scale."""
+    """A plain-text table: one row per asked-for colour; colour and all-three accuracy at each guidance scale, then the
+    median colour drawn at each scale beside the palette's."""
     by_color = accuracy_by_color(results)
     scales = list(by_color)
-    header = f"{'color':>8}" + "".join(f"{'color@' + _label(s):>11}{'all@' + _label(s):>10}" for s in scales)
+    header = (
+        f"{'color':>8}"
+        + "".join(f"{'color@' + _label(s):>11}{'all@' + _label(s):>10}" for s in scales)
+        + f"{'palette':>16}"
+        + "".join(f"{'drawn@' + _label(s):>16}" for s in scales)
+    )
     lines = [header, "-" * len(header)]
     for color in next(iter(by_color.values())):
         cells = "".join(
             f"{100 * by_color[s][color]['color']:>10.1f}%{100 * by_color[s][color]['all']:>9.1f}%"
             for s in scales
         )
+        rgbs = [COLORS.get(color)] + [by_color[s][color]["rgb"] for s in scales]
+        cells += "".join(f"{'-' if rgb is None else ','.join(str(v) for v in rgb):>16}" for rgb in rgbs)
         lines.append(f"{color:>8}" + cells)
     return "\n".join(lines)
 

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from ldm.shapes.synthetic import COLORS
+from ldm.shapes.synthetic import BACKGROUND, COLORS
 
 # A pixel counts as foreground at first sight if it is this far (RGB units, 0-255) from the background;
 # well above mild noise (sigma 10 per channel rarely reaches 40), well below any palette colour (>= 230).
@@ -215,6 +215,56 @@ def _segment(rgb: np.ndarray) -> _Segmentation | None:
     return _Segmentation(component, distance, background, contrast, rough)
 
 
+def _interior_median(rgb: np.ndarray, found: _Segmentation) -> np.ndarray:
+    """The median RGB of the shape's interior: edge pixels blend with the background and would pull it there."""
+    interior = found.component & (found.distance >= 0.75 * found.contrast)
+    pixels = rgb[interior] if interior.sum() >= _MIN_AREA_PIXELS else rgb[found.component]  # (N, 3)
+    return np.median(pixels, axis=0)
+
+
+def drawn_color(image: Image.Image | np.ndarray) -> np.ndarray | None:
+    """The RGB (0-255) that :func:`detect` reads the dominant shape's colour from, or None when there is no shape.
+
+    Args:
+        image: As for :func:`detect`.
+
+    Returns:
+        A float64 array of 3 values: the median colour of the shape's interior.
+
+    Raises:
+        TypeError, ValueError: As for :func:`detect`.
+    """
+    rgb = _to_rgb_array(image)
+    found = _segment(rgb)
+    return None if found is None else _interior_median(rgb, found)
+
+
+def color_boundary(inside: str, outside: str, background: tuple[int, int, int] = BACKGROUND) -> float:
+    """How far (0-1) along the straight line from palette colour ``inside`` to ``outside`` the reading flips.
+
+    A colour drawn between the two reads as ``inside`` up to this fraction of the way; 0.5 would be a fair split.
+
+    Raises:
+        ValueError: If either name is not a palette colour, or the two are equal.
+    """
+    if inside not in COLORS or outside not in COLORS or inside == outside:
+        raise ValueError(
+            f"inside and outside must be two different colours of {_PALETTE_NAMES}, got {inside!r}, {outside!r}."
+        )
+    start, end, bg = (np.array(c, dtype=np.float64) for c in (COLORS[inside], COLORS[outside], background))
+    low, high = (
+        0.0,
+        1.0,
+    )  # the reading at low is `inside`, at high `outside` (the palette colours read as themselves)
+    for _ in range(40):
+        middle = (low + high) / 2
+        if _nearest_color(start + middle * (end - start), bg) == inside:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2
+
+
 def detect(image: Image.Image | np.ndarray) -> dict[str, str | None]:
     """Read the shape, colour and position of the dominant solid shape in an image.
 
@@ -236,11 +286,7 @@ def detect(image: Image.Image | np.ndarray) -> dict[str, str | None]:
         return {"shape": None, "color": None, "position": None}
     component, distance, background, contrast, rough = found
     h, w, _ = rgb.shape
-
-    # The interior only: edge pixels are blends with the background and would pull the colour towards it.
-    interior = component & (distance >= 0.75 * contrast)
-    pixels = rgb[interior] if interior.sum() >= _MIN_AREA_PIXELS else rgb[component]  # (N, 3)
-    color = _nearest_color(np.median(pixels, axis=0), background)
+    color = _nearest_color(_interior_median(rgb, found), background)
 
     # Coverage weights for the shape: distance above the background's noise level, kept to a margin around
     # the component so that soft edges count in full, minus any other blob that reaches into that margin.
