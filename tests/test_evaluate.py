@@ -21,6 +21,7 @@ from ldm.shapes.adherence import (
     format_color_table,
     format_table,
     load_heldout_prompts,
+    plot_adherence,
     results_to_json,
 )
 from ldm.shapes.detector import detect
@@ -169,6 +170,24 @@ def test_accuracy_by_color_counts_each_asked_for_colour():
     lines = format_color_table(results).splitlines()
     assert "     red     100.0%    100.0%       220,30,30       220,30,30" in lines
     assert "   green       0.0%      0.0%       30,170,40       220,30,30" in lines
+
+
+def test_the_plot_draws_each_attributes_accuracy_against_guidance(tmp_path):
+    def red_circles(shape, color, position, rng):
+        return render("circle", "red", position, RESOLUTION, rng)
+
+    results = evaluate_adherence(FakePipe(red_circles), PROMPTS, guidance_scales=(7.5, 1.0), seeds=(0,))
+    lines = plot_adherence(results, tmp_path / "adherence.png")
+    share = {
+        key: 100 * sum(p[key] == v for p in PROMPTS) / len(PROMPTS)
+        for key, v in (("shape", "circle"), ("color", "red"))
+    }
+    for key in ("shape", "color"):
+        assert [g for g, _ in lines[key]] == [1.0, 7.5]  # sorted by guidance
+        assert [a for _, a in lines[key]] == pytest.approx([share[key]] * 2)
+    assert lines["position"] == [(1.0, 100.0), (7.5, 100.0)]
+    assert set(lines) == {"shape", "color", "position", "all"}
+    assert PIL.Image.open(tmp_path / "adherence.png").size == (600, 400)
 
 
 def test_best_guidance_table_and_json():
@@ -446,6 +465,7 @@ def test_script_writes_report_table_and_grids(world, tmp_path, capsys):
     assert {p.name for p in out_dir.iterdir()} == {
         "adherence.json",
         "adherence.txt",
+        "adherence.png",
         "adherence_by_color.txt",
         "grid.png",
         "grid_g1.png",
@@ -493,6 +513,7 @@ def test_script_evaluates_a_controlnet(world, tmp_path, capsys, guess_mode):
     assert {p.name for p in out_dir.iterdir()} == {
         "adherence.json",
         "adherence.txt",
+        "adherence.png",
         "grid.png",
         "grid_g1.png",
     } | (set() if guess_mode else {"adherence_by_color.txt"})

@@ -7,6 +7,7 @@ same noise at every scale -> read shape, colour and position back with the detec
 
     out_dir/adherence.json   settings, best_guidance_scale, and per scale: accuracy, counts, per-image records
     out_dir/adherence.txt    the accuracy table (also printed)
+    out_dir/adherence.png    the same as a plot: accuracy against guidance scale, one line per attribute
     out_dir/grid.png         the held-out prompts at the best guidance scale, first seed
     out_dir/grid_g1.png      the same prompts and noise at guidance 1 (no guidance), for contrast
     out_dir/adherence_by_color.txt   per asked-for colour: colour and all-three accuracy at each scale
@@ -45,6 +46,7 @@ from ldm.shapes.adherence import (
     format_color_table,
     format_table,
     load_heldout_prompts,
+    plot_adherence,
     results_to_json,
 )
 
@@ -143,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "adherence.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out_dir / "adherence.txt").write_text(table + "\n", encoding="utf-8")
+    plot_adherence(results, out_dir / "adherence.png")
     print(table)
     if not args.guess_mode:  # no colour is asked for in guess mode
         color_table = format_color_table(results)
@@ -165,7 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
     grids[1.0].save(out_dir / "grid_g1.png")
 
     print(describe(results, best))
-    print(f"wrote {out_dir}/adherence.json, adherence.txt, grid.png (guidance {best_scale:g}), grid_g1.png")
+    print(
+        f"wrote {out_dir}/adherence.json, adherence.txt, adherence.png, grid.png (guidance {best_scale:g}), grid_g1.png"
+    )
     return report
 
 

@@ -428,6 +428,40 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def plot_adherence(results: dict, path: str | Path) -> dict[str, list[tuple[float, float]]]:
+    """Accuracy (%) against guidance scale, one line per attribute asked for (and per control scale in a ControlNet
+    evaluation), written as a PNG: the table of :func:`format_table` as a picture. Returns the lines drawn,
+    {label: [(guidance, accuracy %), ...]}.
+
+    Raises:
+        ImportError: matplotlib is missing (``pip install matplotlib``, or ``ldm[plots]``).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+
+    control = "control_scales" in results
+    lines: dict[tuple[str, float | None], list[tuple[float, float]]] = {}
+    for setting, entry in results["scales"].items():
+        guidance, control_scale = setting if control else (setting, None)
+        for key in _shown_scores(results):
+            lines.setdefault((key, control_scale), []).append((guidance, 100 * entry["accuracy"][key]))
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
+    drawn = {}
+    for (key, control_scale), points in lines.items():
+        label = key if control_scale is None else f"{key}, control {control_scale:g}"
+        drawn[label] = sorted(points)
+        axes.plot([g for g, _ in drawn[label]], [a for _, a in drawn[label]], marker="o", label=label)
+    axes.set(xlabel="guidance scale", ylabel="accuracy (%)", ylim=(0, 102), title="Prompt adherence")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return drawn
+
+
 def accuracy_by_color(results: dict) -> dict[Setting, dict[str, dict[str, float]]]:
     """Per guidance scale (or setting) and asked-for colour: the fraction of its images whose colour, and all three
     attributes, the detector reads as asked, and the median colour drawn (the per-channel median of each image's

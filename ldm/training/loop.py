@@ -12,6 +12,7 @@ exactly where it stopped.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -49,6 +50,27 @@ class LoopResult:
             "train_samples": self.train_samples,
             "train_seconds": self.train_seconds,
         }
+
+
+class MetricsFile:
+    """`output_dir/metrics.jsonl`: one JSON line per optimizer step, for `ldm-ui`'s Training tab and any script.
+
+    Each line holds the step, the wall-clock time, the run's step count, this process's training throughput so far
+    and every number the step logged (loss, lr, epoch, validation scores). A resumed run appends: a reader keeps
+    the last line of each step. Tensorboard's event files hold the same curves, but need tensorboard to read.
+    """
+
+    NAME = "metrics.jsonl"
+
+    def __init__(self, output_dir: Path, max_train_steps: int):
+        self.path, self.max_train_steps = output_dir / self.NAME, max_train_steps
+
+    def write(self, step: int, logs: dict, samples_per_second: float) -> None:
+        row = {"step": step, "time": round(time.time(), 3), "max_train_steps": self.max_train_steps}
+        row["samples_per_second"] = round(samples_per_second, 3)
+        row |= {k: v for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def check_finite(loss: float, step: int, epoch: int, output_dir: Path) -> None:
@@ -103,6 +125,7 @@ def train_loop(
     progress = tqdm(range(config.max_train_steps), initial=global_step, desc="train", disable=not show)
     grid_path, window_losses, skipped_images = None, [], 0
     train_seconds, train_samples = 0.0, 0
+    metrics = MetricsFile(Path(config.output_dir), config.max_train_steps)
     for epoch in loader.epochs(start.epoch, config.num_train_epochs):
         if global_step >= config.max_train_steps:
             break  # resumed from the last checkpoint of a finished run: nothing left to train
@@ -151,6 +174,8 @@ def train_loop(
                     val_logs, grid = validate(global_step)
                     logs, grid_path = {**logs, **val_logs}, grid or grid_path
                 accelerator.log(logs, step=global_step)
+                if accelerator.is_main_process:
+                    metrics.write(global_step, logs, train_samples / max(train_seconds, 1e-9))
             if global_step >= config.max_train_steps:
                 break
             clock = time.perf_counter()  # validation and checkpoints are not training throughput
