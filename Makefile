@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Pinned and installed before the package: an unpinned torch makes pip pull the CUDA build (several GB).
 TORCH_VERSION := 2.13.0
 
-.PHONY: setup test demo bench lora-demo lora-demo-base controlnet-demo fewstep-demo upscale-demo
+.PHONY: setup browser test ui demo bench lora-demo lora-demo-base controlnet-demo fewstep-demo upscale-demo
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,21 +16,41 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 setup: $(VENV)/.installed
 
-test: setup
+# tests/test_ui.py drives ldm-ui in Debian's chromium through Playwright (whose own browser download cannot reach its
+# servers here); installed once, with sudo when not root.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null || $(SUDO) apt-get install -y -q chromium \
+		|| { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
+
+test: setup browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q tests
+
+# The local web app on every model and run under outputs/ (the demo's model loaded first when `make demo` made it);
+# http://127.0.0.1:7860. UI_ARGS adds flags: make ui UI_ARGS="--port 8000".
+ui: setup
+	mkdir -p outputs
+	$(BIN)/ldm-ui --models_dir outputs --runs_dir outputs $(if $(wildcard $(DEMO)/ldm/model_index.json),--model $(DEMO)/ldm) $(UI_ARGS)
 
 # ---------------------------------------------------------------------------------------------------------------
 # The offline demo: synthetic data -> VAE -> text stack -> LDM -> grid + adherence table, on 2 CPU cores.
 # Every step reuses what an earlier run finished, so re-running is cheap.
 # Another CAPTION_NOISE needs its own folder (make demo CAPTION_NOISE=0.1 DEMO=outputs/demo-0.1): the LDM step
 # resumes the last checkpoint it finds in $(DEMO)/ldm.
-DEMO := outputs/demo
+# SEED seeds every training run of `make demo` and `make lora-demo` (VAE, LDM, LoRA); the data and the evaluation's
+# prompts and sampling seeds stay fixed, so seeds differ only in how the models trained. Seed 0 keeps the plain
+# folder names; another seed gets its own (outputs/demo-seed1, ...) so that runs at several seeds sit side by side.
+SEED := 0
+SEED_SUFFIX := $(if $(filter 0,$(SEED)),,-seed$(SEED))
+DEMO := outputs/demo$(SEED_SUFFIX)
 # Like web alt-text, 5 % of the demo's training captions misname one attribute of their image. Unguided samples of
 # the held-out compositions then miss an attribute far more often; classifier-free guidance corrects them (README).
 CAPTION_NOISE := 0.05
-LAUNCH := $(BIN)/accelerate launch --cpu --num_cpu_threads_per_process $(shell nproc) --num_machines 1 \
+# Threads per run: every core by default. The float rounding, and so the bits of a run, depend on it (README).
+THREADS := $(shell nproc)
+LAUNCH := $(BIN)/accelerate launch --cpu --num_cpu_threads_per_process $(THREADS) --num_machines 1 \
 	--mixed_precision no --dynamo_backend no
 # The LCM-LoRA's settings beside configs/lcm_demo.yaml: a rank-8 adapter on every attention, feed-forward and ResNet
 # layer (diffusers' LCM-LoRA targets), guidance fixed at the demo's 7.5 (w = 6.5), the higher rate adapters train at,
@@ -44,13 +64,13 @@ demo: setup
 		--exclude_heldout_from_train --caption_noise $(CAPTION_NOISE) --conditioning edges
 	$(LAUNCH) train/train_vae.py --train_data_dir $(DEMO)/data --vae_preset small --resolution 64 \
 		--train_batch_size 8 --max_train_steps 700 --learning_rate 1e-3 --lr_scheduler cosine \
-		--lr_warmup_steps 50 --recon_loss l2 --seed 0 \
+		--lr_warmup_steps 50 --recon_loss l2 --seed $(SEED) \
 		--report_to none --output_dir $(DEMO)/vae
 	$(BIN)/python -m ldm.shapes.text_stack --captions $(DEMO)/data/train/metadata.jsonl --vae $(DEMO)/vae \
 		--out_dir $(DEMO)/base --max_length 16
 	$(LAUNCH) train/train_ldm.py --config configs/demo.yaml --resume_from_checkpoint latest \
 		--pretrained_model_name_or_path $(DEMO)/base --train_data_dir $(DEMO)/data --output_dir $(DEMO)/ldm \
-		--cache_dir $(DEMO)/cache
+		--cache_dir $(DEMO)/cache --seed $(SEED)
 	$(BIN)/python train/evaluate.py --model $(DEMO)/ldm --prompts $(DEMO)/data/heldout_prompts.jsonl \
 		--guidance_scales 1 3 7.5 --seeds 0 1 --steps 25 --out_dir $(DEMO)/eval
 	@echo "Grid: $(DEMO)/eval/grid.png   Table: $(DEMO)/eval/adherence.txt"
@@ -82,9 +102,14 @@ controlnet-demo: demo
 # knows the word for a sixth, then a rank-8 LoRA fine-tuned on a few hundred images of that colour only. The VAE is
 # trained on every colour, as Stable Diffusion's VAE is a general autoencoder: one that never saw the colour cannot
 # reconstruct it (measured: 0 of 20 cyan images came back cyan), and no adapter on the UNet could draw it then.
-LORA_DEMO := outputs/lora-demo
+LORA_DEMO := outputs/lora-demo$(SEED_SUFFIX)
 NEW_COLOR := cyan
 BASE_COLORS := red green blue yellow purple
+# The VAE's steps. At 700 (the main demo's) its colours depend on the seed: measured here with
+# ldm.shapes.color_fidelity, seed 0 gave green back as (30,136,90), 60 RGB units towards cyan, which the base model
+# then drew (30,142,93) and another machine's rounding tipped into teal read as cyan; seed 1 gave purple and cyan
+# back as blue. README, "LoRA", has the measurements.
+LORA_VAE_STEPS := 1400
 
 lora-demo-base: setup
 	$(BIN)/python -m ldm.shapes.synthetic --out_dir $(LORA_DEMO)/data --num_images 4000 --resolution 64 --seed 0 \
@@ -94,13 +119,15 @@ lora-demo-base: setup
 	$(BIN)/python -m ldm.shapes.synthetic --out_dir $(LORA_DEMO)/vae-data --num_images 4000 --resolution 64 --seed 2 \
 		--num_heldout 0
 	$(LAUNCH) train/train_vae.py --train_data_dir $(LORA_DEMO)/vae-data --vae_preset small --resolution 64 \
-		--train_batch_size 8 --max_train_steps 700 --learning_rate 1e-3 --lr_scheduler cosine \
-		--lr_warmup_steps 50 --recon_loss l2 --seed 0 --report_to none --output_dir $(LORA_DEMO)/vae
+		--train_batch_size 8 --max_train_steps $(LORA_VAE_STEPS) --learning_rate 1e-3 --lr_scheduler cosine \
+		--lr_warmup_steps 50 --recon_loss l2 --seed $(SEED) --report_to none --output_dir $(LORA_DEMO)/vae
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m ldm.shapes.color_fidelity --vae $(LORA_DEMO)/vae \
+		| tee $(LORA_DEMO)/vae-colors.txt
 	$(BIN)/python -m ldm.shapes.text_stack --captions $(LORA_DEMO)/data/train/metadata.jsonl \
 		$(LORA_DEMO)/$(NEW_COLOR)/train/metadata.jsonl --vae $(LORA_DEMO)/vae --out_dir $(LORA_DEMO)/base --max_length 16
 	$(LAUNCH) train/train_ldm.py --config configs/demo.yaml --resume_from_checkpoint latest \
 		--pretrained_model_name_or_path $(LORA_DEMO)/base --train_data_dir $(LORA_DEMO)/data \
-		--output_dir $(LORA_DEMO)/ldm --cache_dir $(LORA_DEMO)/cache --report_to none
+		--output_dir $(LORA_DEMO)/ldm --cache_dir $(LORA_DEMO)/cache --report_to none --seed $(SEED)
 
 # The LoRA's data: every colour, so 200 of its 1200 images show the new one and the rest keep the others as they were
 # (prior preservation; trained on the new colour alone, the adapter painted every prompt in it: 0 % on the others).
@@ -109,11 +136,13 @@ lora-demo: lora-demo-base
 		--num_heldout 0
 	$(LAUNCH) train/train_ldm.py --config configs/lora_demo.yaml --resume_from_checkpoint latest \
 		--pretrained_model_name_or_path $(LORA_DEMO)/ldm --train_data_dir $(LORA_DEMO)/lora-data \
-		--output_dir $(LORA_DEMO)/lora --cache_dir $(LORA_DEMO)/cache
-	$(BIN)/python train/evaluate.py --model $(LORA_DEMO)/ldm --guidance_scales 7.5 --seeds 0 1 --steps 25 \
+		--output_dir $(LORA_DEMO)/lora --cache_dir $(LORA_DEMO)/cache --seed $(SEED)
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python train/evaluate.py --model $(LORA_DEMO)/ldm --guidance_scales 7.5 \
+		--seeds 0 1 --steps 25 \
 		--prompts $(LORA_DEMO)/data/heldout_prompts.jsonl $(LORA_DEMO)/$(NEW_COLOR)/heldout_prompts.jsonl \
 		--out_dir $(LORA_DEMO)/eval-base
-	$(BIN)/python train/evaluate.py --model $(LORA_DEMO)/ldm --lora $(LORA_DEMO)/lora --guidance_scales 7.5 \
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python train/evaluate.py --model $(LORA_DEMO)/ldm --lora $(LORA_DEMO)/lora \
+		--guidance_scales 7.5 \
 		--seeds 0 1 --steps 25 --out_dir $(LORA_DEMO)/eval-lora \
 		--prompts $(LORA_DEMO)/data/heldout_prompts.jsonl $(LORA_DEMO)/$(NEW_COLOR)/heldout_prompts.jsonl
 	@echo "Base: $(LORA_DEMO)/eval-base/adherence_by_color.txt   With the LoRA: $(LORA_DEMO)/eval-lora/adherence_by_color.txt"
