@@ -232,7 +232,7 @@ class Engine:
     def is_distilled(self) -> bool:
         return self.pipe is not None and self.pipe.unet.config.time_cond_proj_dim is not None
 
-    def _text_pipe(self, mode: str) -> LatentPipeline:
+    def _pipe_for(self, mode: str) -> LatentPipeline:
         if self.pipe is None:
             raise UIError("No model loaded: choose one in the Model list and press Load.")
         if isinstance(self.pipe, LatentUpscalePipeline) != (mode == "upscale"):
@@ -316,7 +316,7 @@ class Engine:
         if mode == "controlnet" and control_image is None:
             raise UIError("The ControlNet tab needs a control image (or a photo with 'Canny edges' ticked).")
         with self._lock:
-            pipe = self._text_pipe(mode)
+            pipe = self._pipe_for(mode)
             seed = random.randint(0, MAX_SEED - MAX_IMAGES) if settings.seed < 0 else settings.seed
             settings = replace(settings, seed=seed, model=self.model_name)
             self._set_lora(settings.lora if mode != "upscale" else None)

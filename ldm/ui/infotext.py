@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -175,6 +175,3 @@ def read_png_parameters(path: str | Path) -> str | None:
     """The `parameters` text of a PNG file, or None when it has none (or is not a PNG)."""
     with Image.open(path) as image:
         return image.info.get("parameters") if image.format == "PNG" else None
-
-
-SETTINGS_FIELDS = tuple(f.name for f in fields(Settings))
