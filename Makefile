@@ -48,6 +48,11 @@ DEMO := outputs/demo$(SEED_SUFFIX)
 # Like web alt-text, 5 % of the demo's training captions misname one attribute of their image. Unguided samples of
 # the held-out compositions then miss an attribute far more often; classifier-free guidance corrects them (README).
 CAPTION_NOISE := 0.05
+# The VAE's steps (both demos). At 700 its colours depended on the seed (ldm.shapes.color_fidelity): the LoRA demo's
+# seed-0 VAE gave green back 60 RGB units towards cyan, which the base model drew and another machine's rounding
+# tipped into teal read as cyan, and the main demo's seed-1 VAE gave green shapes back 63 units off. At 1400 every
+# colour came back within 17 units at each seed tried. README, "LoRA", has the measurements.
+VAE_STEPS := 1400
 # Threads per run: every core by default. The float rounding, and so the bits of a run, depend on it (README).
 THREADS := $(shell nproc)
 LAUNCH := $(BIN)/accelerate launch --cpu --num_cpu_threads_per_process $(THREADS) --num_machines 1 \
@@ -63,9 +68,11 @@ demo: setup
 	$(BIN)/python -m ldm.shapes.synthetic --out_dir $(DEMO)/data --num_images 4000 --resolution 64 --seed 0 --num_heldout 30 \
 		--exclude_heldout_from_train --caption_noise $(CAPTION_NOISE) --conditioning edges
 	$(LAUNCH) train/train_vae.py --train_data_dir $(DEMO)/data --vae_preset small --resolution 64 \
-		--train_batch_size 8 --max_train_steps 700 --learning_rate 1e-3 --lr_scheduler cosine \
+		--train_batch_size 8 --max_train_steps $(VAE_STEPS) --learning_rate 1e-3 --lr_scheduler cosine \
 		--lr_warmup_steps 50 --recon_loss l2 --seed $(SEED) \
 		--report_to none --output_dir $(DEMO)/vae
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m ldm.shapes.color_fidelity --vae $(DEMO)/vae \
+		| tee $(DEMO)/vae-colors.txt
 	$(BIN)/python -m ldm.shapes.text_stack --captions $(DEMO)/data/train/metadata.jsonl --vae $(DEMO)/vae \
 		--out_dir $(DEMO)/base --max_length 16
 	$(LAUNCH) train/train_ldm.py --config configs/demo.yaml --resume_from_checkpoint latest \
@@ -105,11 +112,6 @@ controlnet-demo: demo
 LORA_DEMO := outputs/lora-demo$(SEED_SUFFIX)
 NEW_COLOR := cyan
 BASE_COLORS := red green blue yellow purple
-# The VAE's steps. At 700 (the main demo's) its colours depend on the seed: measured here with
-# ldm.shapes.color_fidelity, seed 0 gave green back as (30,136,90), 60 RGB units towards cyan, which the base model
-# then drew (30,142,93) and another machine's rounding tipped into teal read as cyan; seed 1 gave purple and cyan
-# back as blue. README, "LoRA", has the measurements.
-LORA_VAE_STEPS := 1400
 
 lora-demo-base: setup
 	$(BIN)/python -m ldm.shapes.synthetic --out_dir $(LORA_DEMO)/data --num_images 4000 --resolution 64 --seed 0 \
@@ -119,7 +121,7 @@ lora-demo-base: setup
 	$(BIN)/python -m ldm.shapes.synthetic --out_dir $(LORA_DEMO)/vae-data --num_images 4000 --resolution 64 --seed 2 \
 		--num_heldout 0
 	$(LAUNCH) train/train_vae.py --train_data_dir $(LORA_DEMO)/vae-data --vae_preset small --resolution 64 \
-		--train_batch_size 8 --max_train_steps $(LORA_VAE_STEPS) --learning_rate 1e-3 --lr_scheduler cosine \
+		--train_batch_size 8 --max_train_steps $(VAE_STEPS) --learning_rate 1e-3 --lr_scheduler cosine \
 		--lr_warmup_steps 50 --recon_loss l2 --seed $(SEED) --report_to none --output_dir $(LORA_DEMO)/vae
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m ldm.shapes.color_fidelity --vae $(LORA_DEMO)/vae \
 		| tee $(LORA_DEMO)/vae-colors.txt
