@@ -51,7 +51,7 @@ CAPTION_NOISE := 0.05
 # The VAE's steps (both demos). At 700 its colours depended on the seed (ldm.shapes.color_fidelity): the LoRA demo's
 # seed-0 VAE gave green back 60 RGB units towards cyan, which the base model drew and another machine's rounding
 # tipped into teal read as cyan, and the main demo's seed-1 VAE gave green shapes back 63 units off. At 1400 every
-# colour came back within 17 units at each seed tried. README, "LoRA", has the measurements.
+# colour came back within 17 units at each seed tried. README's LoRA experiment has the measurements.
 VAE_STEPS := 1400
 # Threads per run: every core by default. The float rounding, and so the bits of a run, depend on it (README).
 THREADS := $(shell nproc)
