@@ -264,6 +264,7 @@ def start(world, tmp_path, *args):
         (["--use_ema"], "use_ema is not a distillation option"),
         (["--unet_preset", "tiny"], "unet_preset is not a distillation option"),
         (["--num_ddim_timesteps", "0"], "num_ddim_timesteps must be at least 1"),
+        (["--timestep_sampling", "cubic"], "timestep_sampling='cubic' is not a distillation option"),
         (["--unet_time_cond_proj_dim", "3"], "unet_time_cond_proj_dim must be an even number"),
         (["--pretrained_model_name_or_path", "elsewhere"], "are the same setting"),
         (["--lora_rank", "100000"], "lora_rank=100000 is above the width"),

@@ -113,3 +113,22 @@ def test_zero_terminal_snr_schedule_and_min_snr_weighting_stay_finite():
     ddim = DDIMScheduler.from_config(sched.config)
     ddim.set_timesteps(10)
     assert ddim.timesteps[0] == 999
+
+
+def test_cubic_timestep_sampling_follows_its_distribution_and_leaves_uniform_draws_alone():
+    from ldm.training.loss import sample_noise_and_timesteps
+
+    latents = torch.zeros(20000, 1, 1, 1)
+    _, uniform = sample_noise_and_timesteps(latents, 1000, torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    torch.randn(latents.shape, generator=generator)
+    # The DDPM draw, unchanged:
+    assert torch.equal(uniform, torch.randint(0, 1000, (20000,), generator=generator))
+    cubic_generator = torch.Generator().manual_seed(0)
+    _, cubic = sample_noise_and_timesteps(latents, 1000, cubic_generator, timestep_sampling="cubic")
+    assert cubic.min() >= 0 and cubic.max() <= 999
+    # t = floor((1 - u^3) T): P(t < s) = P(u > (1 - s/T)^(1/3)) = 1 - (1 - s/T)^(1/3).
+    for s in (100, 500, 900):
+        expected = 1 - (1 - s / 1000) ** (1 / 3)
+        assert abs((cubic < s).float().mean().item() - expected) < 0.01, s
+    assert abs((uniform < 500).float().mean().item() - 0.5) < 0.01

@@ -37,6 +37,7 @@ LrScheduler = Literal[
 ]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 PredictionType = Literal["epsilon", "v_prediction"]
+TimestepSampling = Literal["uniform", "cubic"]
 ReportTo = Literal["tensorboard", "wandb", "all", "none"]
 SmallImages = Literal["upscale", "skip"]
 
@@ -195,6 +196,8 @@ class TrainConfig:
     # --- Diffusion objective ---
     snr_gamma: float | None = None
     noise_offset: float = 0.0
+    # How t is drawn: "uniform" (DDPM), or "cubic" (most draws at high noise, as T2I-Adapter trains its adapters).
+    timestep_sampling: TimestepSampling = "uniform"
     prediction_type: PredictionType | None = None  # None: the noise scheduler's own
     # Zero terminal SNR with trailing timesteps (Lin et al. 2023); needs prediction_type v_prediction.
     rescale_betas_zero_snr: bool = False

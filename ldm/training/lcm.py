@@ -100,6 +100,11 @@ class LCMTrainConfig(TrainConfig):
             "export_single_file is not a distillation option yet: save the pipeline folder and use ldm-export.",
         )
         require(
+            self.timestep_sampling == "uniform",
+            f"timestep_sampling={self.timestep_sampling!r} is not a distillation option: the timesteps are drawn "
+            "uniformly from the DDIM solver's grid (--num_ddim_timesteps); drop --timestep_sampling.",
+        )
+        require(
             self.num_ddim_timesteps >= 1,
             f"num_ddim_timesteps must be at least 1 (50 is usual); got {self.num_ddim_timesteps}.",
         )

@@ -16,10 +16,16 @@ from ldm.training.config import TrainConfig
 
 
 def sample_noise_and_timesteps(
-    latents: torch.Tensor, num_train_timesteps: int, generator: torch.Generator, noise_offset: float = 0.0
+    latents: torch.Tensor,
+    num_train_timesteps: int,
+    generator: torch.Generator,
+    noise_offset: float = 0.0,
+    timestep_sampling: str = "uniform",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """eps ~ N(0, I) (plus a per-channel offset), t ~ U{0, ..., T-1}; both drawn from `generator` on the CPU.
+    """eps ~ N(0, I) (plus a per-channel offset) and t; both drawn from `generator` on the CPU.
 
+    t ~ U{0, ..., T-1} ("uniform"), or t = floor((1 - u^3) T), u ~ U[0, 1) ("cubic": T2I-Adapter, Mou et al. 2023,
+    sec. 3.4; most draws land at high noise, where a sample's layout is decided: for models that learn a control).
     Drawing on the CPU from an explicit generator makes a step's randomness a function of its seed alone, the
     same on every device and after a resume.
     """
@@ -28,7 +34,11 @@ def sample_noise_and_timesteps(
     if noise_offset:
         # Offset noise (Guttenberg 2023): lets the model shift an image's mean brightness.
         noise = noise + noise_offset * torch.randn((b, c, 1, 1), generator=generator)
-    timesteps = torch.randint(0, num_train_timesteps, (b,), generator=generator)
+    if timestep_sampling == "cubic":
+        u = torch.rand((b,), generator=generator)
+        timesteps = ((1 - u**3) * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
+    else:
+        timesteps = torch.randint(0, num_train_timesteps, (b,), generator=generator)
     return noise.to(latents.device, latents.dtype), timesteps.to(latents.device)
 
 
@@ -125,7 +135,11 @@ def training_loss(
         return sum(p.sum() for p in trained.parameters()) * 0.0
     latents, text_embeds = batch_encoder(batch, generator)  # (B, C, h, w), (B, 77, D)
     noise, timesteps = sample_noise_and_timesteps(
-        latents, scheduler.config.num_train_timesteps, generator, config.noise_offset
+        latents,
+        scheduler.config.num_train_timesteps,
+        generator,
+        config.noise_offset,
+        config.timestep_sampling,
     )
     control = batch.get("conditioning_pixel_values")  # (B, 3, H, W)
     if controlnet is not None and control is None:
