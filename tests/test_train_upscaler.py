@@ -59,6 +59,8 @@ def test_run_saves_an_upscaler_both_libraries_load_and_pushes_without_the_token(
     # The final folder: an upscaler pipeline whose VAE now has diffusers' factor, sampling alike in both libraries.
     ours = LatentUpscalePipeline.from_pretrained(out)
     assert ours.vae.config.scaling_factor == 0.08333 and ours.config.max_noise_level == 100
+    # v-prediction is the trainer's default, as Stable Diffusion's x4 upscaler's.
+    assert ours.scheduler.config.prediction_type == "v_prediction"
     theirs = StableDiffusionUpscalePipeline.from_pretrained(out)
     low = Image.open(upscale_world / "data" / "train" / "000000.png").convert("RGB").resize((4, 4))
     kwargs = dict(prompt="a red circle", image=low, num_inference_steps=2, noise_level=20, output_type="np")
