@@ -25,7 +25,7 @@ from ldm.pipelines.controlnet_inpaint import LatentControlNetInpaintPipeline
 from ldm.pipelines.img2img import LatentImg2ImgPipeline
 from ldm.pipelines.inpaint import LatentInpaintPipeline
 from ldm.pipelines.text_to_image import LatentPipeline
-from ldm.pipelines.upscale import Cascade, LatentUpscalePipeline
+from ldm.pipelines.upscale import Cascade, LatentUpscalePipeline, check_back_projection
 from ldm.schedulers import SCHEDULERS, scheduler_from_name
 
 
@@ -102,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=9.0,
         help="With --upscaler: its classifier-free guidance scale (default 9, diffusers' upscaler's).",
+    )
+    parser.add_argument(
+        "--back_projection_steps",
+        type=int,
+        default=0,
+        help="With --upscaler: rounds of back-projection onto its input (default 0, as diffusers; 2 makes the "
+        "output downsample back to the input).",
     )
     parser.add_argument(
         "--out",
@@ -194,8 +201,10 @@ def load_checked(parser: argparse.ArgumentParser, args: argparse.Namespace) -> L
         check_control_flags(parser, args)
         check_count("--upscale_steps", args.upscale_steps, example=25)
         check_guidance(args.upscale_guidance, name="--upscale_guidance")
+        check_back_projection(args.back_projection_steps, "pil")
     except ValueError as err:
-        parser.error(str(err).replace("strength=", "--strength="))
+        flags = str(err).replace("strength=", "--strength=")
+        parser.error(flags.replace("back_projection_steps=", "--back_projection_steps="))
     try:
         pipe = LatentPipeline.from_pretrained(args.model)
     except (OSError, ValueError) as err:
@@ -273,7 +282,14 @@ def upscaled(parser: argparse.ArgumentParser, args: argparse.Namespace, pipe: La
     except (OSError, ValueError) as err:
         parser.error(f"--upscaler {args.upscaler}: {str(err).strip().splitlines()[0]}")
     try:
-        return Cascade(pipe, upscaler, args.noise_level, args.upscale_steps, args.upscale_guidance)
+        return Cascade(
+            pipe,
+            upscaler,
+            args.noise_level,
+            args.upscale_steps,
+            args.upscale_guidance,
+            args.back_projection_steps,
+        )
     except ValueError as err:
         parser.error(str(err).replace("noise_level=", "--noise_level="))
 

@@ -208,15 +208,19 @@ def test_evaluate_upscaler_scores_bicubic_and_the_upscaler_and_the_cascade(upsca
     assert (
         report["resolution"] == 16 and report["num_images"] == 8
     )  # 4 held-out prompts x 2 seeds, 4 px -> 16 px
-    for method in ("bicubic", "upscaler"):
+    for method in ("bicubic", "upscaler", "+ 2 BP"):
         assert {"psnr", "edge_sharpness", "consistency"} <= set(report["means"][method])
         assert all(np.isfinite(list(report["means"][method].values())))
+    # Back-projected, the upscaler's output downsamples to (nearly) its input.
+    assert report["means"]["+ 2 BP"]["consistency"] > report["means"]["upscaler"]["consistency"] + 3
     assert report["means"]["upscaler"]["seconds_per_image"] > 0
     assert {"base", "cascade"} == set(report["cascade_accuracy"])
     assert all(0 <= a["all"] <= 1 for a in report["cascade_accuracy"].values())
     table = (tmp_path / "eval" / "upscale.txt").read_text()
-    assert "| bicubic  |" in table and "| cascade, 16 px" in table
-    assert Image.open(tmp_path / "eval" / "grid.png").size == (4 * 16, 4 * 16)  # 4 prompts at seed 0
+    assert (
+        "| bicubic           |" in table and "| upscaler + 2 BP   |" in table and "| cascade, 16 px" in table
+    )
+    assert Image.open(tmp_path / "eval" / "grid.png").size == (5 * 16, 4 * 16)  # 4 prompts at seed 0
 
 
 def test_the_evaluation_metrics_against_their_definitions():

@@ -50,6 +50,8 @@ def test_settings_round_trip_through_the_text():
         lora="cyan",
         lora_scale=0.8,
         strength=0.6,
+        noise_level=20,
+        back_projection=2,
         extra={"Note": 'says "hi", twice'},
     )
     text = format_parameters(settings)
@@ -399,9 +401,9 @@ def test_every_tab_through_the_api(server, client, ui_world):
     status = client.predict("upscaler", api_name="/load_model")
     assert "x4 upscaler" in status[0]
     gallery, info = client.predict(
-        image=photo, noise_level=30, prompt="a red circle", api_name="/upscale", **common
+        image=photo, noise_level=30, back_projection=1, prompt="a red circle", api_name="/upscale", **common
     )
-    assert _fetch(server, gallery[0]).size == (64, 64) and "Noise level: 30" in info
+    assert _fetch(server, gallery[0]).size == (64, 64) and "Noise level: 30, Back projection: 1" in info
     assert "Loaded tiny" in client.predict("tiny", api_name="/load_model")[0]
 
     summary, loss, lr, grid, checkpoints = client.predict("tiny-run", api_name="/training")

@@ -13,6 +13,7 @@ from diffusers import StableDiffusionUpscalePipeline, UNet2DConditionModel
 
 from ldm import Cascade, LatentPipeline, LatentUpscalePipeline
 from ldm.cli import main
+from ldm.pipelines.upscale import back_project, downsample
 from ldm.presets import build_upscale_pipeline, unet_config
 from tests.test_image_pipelines import rgb_image
 
@@ -120,7 +121,39 @@ def test_a_step_callback_sees_the_noised_image(upscaler):
     assert seen == [torch.Size([4, 3, 8, 8])] * 3  # [uncond; cond] for two prompts
 
 
+def test_back_projection_is_a_fixed_point_on_consistent_images_and_converges_on_others():
+    """x <- x + U(y - D(x)) leaves an x with D(x) = y alone, and brings D(x) towards y for any other x."""
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 3, 32, 32, generator=generator) * 1.6 - 0.8
+    assert torch.allclose(back_project(image, downsample(image, 4), 3), image, atol=1e-6)
+    low_res = torch.rand(2, 3, 8, 8, generator=generator) * 1.6 - 0.8
+    errors = [
+        float((downsample(back_project(image, low_res, k), 4) - low_res).abs().mean()) for k in range(4)
+    ]
+    # Random pixels are the slowest case (U's gain through D is lowest at the highest frequencies).
+    assert errors[0] > 0.3 and errors == sorted(errors, reverse=True) and errors[3] < errors[0] / 4
+
+
+def test_back_projection_steps_correct_the_decoded_images(upscaler):
+    kwargs = dict(BASE, **CASES["two_per_prompt"], output_type="pt")
+    seeded = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    plain = upscaler(**kwargs, generator=seeded()).images * 2 - 1
+    projected = upscaler(**kwargs, back_projection_steps=2, generator=seeded()).images * 2 - 1
+    low_res = upscaler.image_processor.preprocess(LOW[1]).repeat(2, 1, 1, 1)  # two images of one prompt
+    assert torch.allclose(projected, back_project(plain, low_res, 2), atol=1e-5)
+    miss = lambda x: float((downsample(x, 4) - low_res).abs().mean())  # noqa: E731
+    assert miss(projected) < miss(plain) / 3
+
+
 BAD = {
+    "negative back-projection": (
+        dict(back_projection_steps=-1),
+        "back_projection_steps=-1 must be an integer >= 0",
+    ),
+    "back-projection of latents": (
+        dict(back_projection_steps=1, output_type="latent"),
+        "back_projection_steps=1 works on decoded pixels",
+    ),
     "noise level above the maximum": (
         dict(noise_level=351),
         r"noise_level=351 must be an integer in \[0, 350\]",
@@ -156,7 +189,14 @@ def test_a_unet_that_is_no_upscaler_is_refused(upscaler, tiny_pipe):
 
 
 def test_a_cascade_upscales_the_base_models_8_bit_images_with_their_prompts(tiny_pipe, upscaler):
-    cascade = Cascade(tiny_pipe, upscaler, noise_level=30, upscale_steps=2, upscale_guidance_scale=3.0)
+    cascade = Cascade(
+        tiny_pipe,
+        upscaler,
+        noise_level=30,
+        upscale_steps=2,
+        upscale_guidance_scale=3.0,
+        back_projection_steps=1,
+    )
     prompts = ["a red circle", "a cat"]
     seeded = lambda: [torch.Generator().manual_seed(k) for k in range(4)]  # noqa: E731
     out = cascade(
@@ -167,7 +207,7 @@ def test_a_cascade_upscales_the_base_models_8_bit_images_with_their_prompts(tiny
     small = tiny_pipe(prompts, num_images_per_prompt=2, num_inference_steps=2, generator=generators).images
     expected = upscaler(
         [p for p in prompts for _ in range(2)], image=small, noise_level=30, num_inference_steps=2,
-        guidance_scale=3.0, generator=generators, output_type="np",
+        guidance_scale=3.0, generator=generators, output_type="np", back_projection_steps=1,
     ).images  # fmt: skip
     assert np.abs(out.images - expected).max() <= 1e-6
 
@@ -198,6 +238,10 @@ def test_ldm_generate_cascades_with_upscaler(saved_tiny_pipe, upscaler, tmp_path
         (["--upscaler", "{d}/nowhere"], "--upscaler {d}/nowhere"),
         (["--upscaler", "{d}/upscaler", "--noise_level", "400"], "--noise_level=400 must be an integer in"),
         (["--upscaler", "{d}/upscaler", "--upscale_steps", "0"], "--upscale_steps=0 must be an integer >= 1"),
+        (
+            ["--upscaler", "{d}/upscaler", "--back_projection_steps", "-2"],
+            "--back_projection_steps=-2 must be an integer >= 0",
+        ),
     ],
 )
 def test_bad_upscaler_flags_exit_2_naming_the_flag(

@@ -7,12 +7,16 @@
    downsampled 4x with the training filter and saved as 8-bit pixels (the input y), then enlarged by bicubic
    interpolation and by the upscaler. Against x: PSNR, and edge sharpness (the mean gradient magnitude of the
    enlarged image over x's edge pixels, as a fraction of x's own: 1 is as sharp as the truth, bicubic blurs below
-   it). Consistency: the enlarged image downsampled back with the same filter, against y (PSNR).
+   it). Consistency: the enlarged image downsampled back with the same filter, against y (PSNR). The upscaler is
+   measured as diffusers' pipeline decodes, and with --back_projection_steps rounds of back-projection onto y (the
+   same sample: `back_project` of the pipeline, which `back_projection_steps` runs, on its decoded pixels).
 2. Cascade (with --base): the base model's samples of the held-out prompts (guidance 7.5, 25 steps, the demo's
-   setting) read by the detector at their own size, then upscaled and read again at 4x that size.
+   setting) read by the detector at their own size, then upscaled (with the back-projection) and read again at 4x
+   that size.
 
 Writes out_dir/upscale.json (settings, per-image and mean metrics, both accuracies), upscale.txt (the table, also
-printed) and grid.png (rows of low-res | bicubic | upscaled | target for the first prompts at the first seed).
+printed) and grid.png (rows of low-res | bicubic | upscaled | back-projected | target for the first prompts at the
+first seed).
 """
 
 from __future__ import annotations
@@ -28,11 +32,11 @@ import torch
 
 from ldm.images import image_grid
 from ldm.pipelines.text_to_image import LatentPipeline
-from ldm.pipelines.upscale import Cascade, LatentUpscalePipeline
+from ldm.pipelines.upscale import Cascade, LatentUpscalePipeline, back_project, downsample
 from ldm.seeding import keyed_generator
 from ldm.shapes.adherence import evaluate_adherence, load_heldout_prompts
 from ldm.shapes.synthetic import render
-from ldm.training.upscaler import downsample, to_pil
+from ldm.training.upscaler import to_pil
 
 GRID_PROMPTS = 6
 # An edge pixel of the true image: its gradient magnitude is at least this fraction of the image's largest.
@@ -58,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--base_steps", type=int, default=25, help="The base model's DDIM steps (default 25)."
+    )
+    parser.add_argument(
+        "--back_projection_steps",
+        type=int,
+        default=2,
+        help="Rounds of back-projection for the second upscaler row and the cascade (default 2).",
     )
     parser.add_argument("--batch_size", type=int, default=10, help="Images per pipeline call (default 10).")
     parser.add_argument("--out_dir", required=True, help="Folder for upscale.json/.txt and grid.png.")
@@ -116,21 +126,27 @@ def restore_heldout(upscaler: LatentUpscalePipeline, prompts, args) -> tuple[dic
     factor = upscaler.vae_scale_factor
     resolution = upscaler.unet.config.sample_size * factor
     samples = heldout_images(prompts, args.seeds, resolution)
-    scores = {"bicubic": [], "upscaler": []}
+    projected = f"+ {args.back_projection_steps} BP"
+    scores = {"bicubic": [], "upscaler": [], projected: []}
     cells, seconds = [], 0.0
     for start in range(0, len(samples), args.batch_size):
         batch = samples[start : start + args.batch_size]
         low = [downsampled(truth, factor) for *_, truth in batch]
         began = time.perf_counter()
-        upscaled = upscaler(
+        decoded = upscaler(
             [row["prompt"] for _, row, _, _ in batch], image=low, num_inference_steps=args.steps,
             guidance_scale=args.guidance_scale, noise_level=args.noise_level,
-            generator=[keyed_generator(seed, i) for i, _, seed, _ in batch],
-        ).images  # fmt: skip
+            generator=[keyed_generator(seed, i) for i, _, seed, _ in batch], output_type="pt",
+        ).images * 2 - 1  # fmt: skip
         seconds += time.perf_counter() - began
-        for (_, row, seed, truth), small, big in zip(batch, low, upscaled, strict=True):
+        low_pixels = upscaler.image_processor.preprocess(low)
+        upscaled = upscaler.image_processor.postprocess(decoded, output_type="pil")
+        corrected = upscaler.image_processor.postprocess(
+            back_project(decoded, low_pixels, args.back_projection_steps), output_type="pil"
+        )
+        for (_, row, seed, truth), small, big, fixed in zip(batch, low, upscaled, corrected, strict=True):
             bicubic = small.resize(truth.size, PIL.Image.Resampling.BICUBIC)
-            for method, image in (("bicubic", bicubic), ("upscaler", big)):
+            for method, image in (("bicubic", bicubic), ("upscaler", big), (projected, fixed)):
                 scores[method].append({
                     "prompt": row["prompt"],
                     "seed": seed,
@@ -138,8 +154,8 @@ def restore_heldout(upscaler: LatentUpscalePipeline, prompts, args) -> tuple[dic
                     "edge_sharpness": edge_sharpness(as_array(image), as_array(truth)),
                     "consistency": psnr(as_array(downsampled(image, factor)), as_array(small)),
                 })  # fmt: skip
-            if seed == args.seeds[0] and len(cells) < 4 * GRID_PROMPTS:
-                cells += [small.resize(truth.size, PIL.Image.Resampling.NEAREST), bicubic, big, truth]
+            if seed == args.seeds[0] and len(cells) < 5 * GRID_PROMPTS:
+                cells += [small.resize(truth.size, PIL.Image.Resampling.NEAREST), bicubic, big, fixed, truth]
     means = {
         method: {
             key: float(np.mean([r[key] for r in rows])) for key in ("psnr", "edge_sharpness", "consistency")
@@ -152,7 +168,9 @@ def restore_heldout(upscaler: LatentUpscalePipeline, prompts, args) -> tuple[dic
 
 def cascade_accuracy(base: LatentPipeline, upscaler: LatentUpscalePipeline, prompts, args) -> dict:
     """Part 2: all-attribute accuracy of the base model's samples, and of the same samples upscaled."""
-    cascade = Cascade(base, upscaler, args.noise_level, args.steps, args.guidance_scale)
+    cascade = Cascade(
+        base, upscaler, args.noise_level, args.steps, args.guidance_scale, args.back_projection_steps
+    )
     # Attributes only: a ControlNet's masks and outlines (the demo writes them) are at the base model's size.
     prompts = [{k: v for k, v in row.items() if k not in ("mask", "conditioning_image")} for row in prompts]
     accuracy = {}
@@ -173,19 +191,23 @@ def format_table(restored: dict, accuracy: dict | None, args) -> str:
         f"{len(args.seeds)} seeds), {low} px -> {restored['resolution']} px; upscaler at noise level "
         f"{args.noise_level}, {args.steps} DDIM steps, guidance {args.guidance_scale:g}",
         "",
-        "| method   | PSNR (dB) | edge sharpness | consistency (dB) |",
-        "|----------|-----------|----------------|------------------|",
+        "| method            | PSNR (dB) | edge sharpness | consistency (dB) |",
+        "|-------------------|-----------|----------------|------------------|",
     ]
     for method, means in restored["means"].items():
+        name = f"upscaler {method}" if method.startswith("+") else method
         lines.append(
-            f"| {method:<8} | {means['psnr']:9.2f} | {means['edge_sharpness']:14.3f} | {means['consistency']:16.2f} |"
+            f"| {name:<17} | {means['psnr']:9.2f} | {means['edge_sharpness']:14.3f} | {means['consistency']:16.2f} |"
         )
-    lines.append(f"\nUpscaler: {restored['means']['upscaler']['seconds_per_image']:.2f} s per image.")
+    lines.append(
+        f"\nUpscaler: {restored['means']['upscaler']['seconds_per_image']:.2f} s per image. BP: rounds of "
+        "back-projection onto the input (the same samples)."
+    )
     if accuracy is not None:
         lines += [
             "",
-            f"Cascade: the base model at guidance {args.base_guidance_scale:g}, {args.base_steps} steps, then x4; "
-            "all-attribute accuracy read by the detector",
+            f"Cascade: the base model at guidance {args.base_guidance_scale:g}, {args.base_steps} steps, then x4 "
+            f"({args.back_projection_steps} BP); all-attribute accuracy read by the detector",
             "",
             "| images                | shape  | colour | position | all    |",
             "|-----------------------|--------|--------|----------|--------|",
@@ -209,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     restored, cells = restore_heldout(upscaler, prompts, args)
-    image_grid(cells, cols=4).save(out / "grid.png")
+    image_grid(cells, cols=5).save(out / "grid.png")
     accuracy = None
     if args.base is not None:
         accuracy = cascade_accuracy(LatentPipeline.from_pretrained(args.base), upscaler, prompts, args)

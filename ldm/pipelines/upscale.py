@@ -10,6 +10,15 @@ cascades), and that level is the UNet's class label:
 
 Higher levels hide more of the input's flaws (a base model's artefacts) at the cost of fidelity to it. Only these
 steps are new here; prompt encoding, guidance, the denoising loop and decoding are `LatentPipeline`'s.
+
+An optional last step, not in diffusers' pipeline (`back_projection_steps`, off by default): iterative
+back-projection (Irani and Peleg 1991) corrects what the decoded image x gets wrong at the input's scale,
+
+    x <- x + U(y - D(x))        (D: the antialiased 4x downsampling that made y; U: bicubic upsampling)
+
+so the output, downsampled again, gives back the input (a decoder's tints and colour shifts go; the detail the
+model drew, which D removes, stays). The same idea keeps diffusion restorations consistent with their measurement
+in DDNM's range-null-space decomposition (Wang et al. 2022).
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
@@ -48,6 +58,26 @@ logger = logging.get_logger(__name__)
 # The latent scaling diffusers' StableDiffusionUpscalePipeline imposes on every VAE it loads (it rewrites any other
 # value in the VAE's config). `ldm.training.upscaler.rescale_vae_latents` gives a trained VAE this factor exactly.
 UPSCALER_SCALING_FACTOR = 0.08333
+
+
+def downsample(pixels: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 3, H / factor, W / factor) through an antialiasing (bicubic) filter, clamped to the
+    input's [-1, 1] range: the low-resolution input an upscaler learns from, and the D of `back_project`."""
+    small = F.interpolate(
+        pixels, scale_factor=1 / factor, mode="bicubic", antialias=True, align_corners=False
+    )
+    return small.clamp(-1, 1)
+
+
+def back_project(image: torch.Tensor, low_res: torch.Tensor, steps: int) -> torch.Tensor:
+    """`steps` rounds of x <- x + U(y - D(x)) (module docstring) on images `image` (B, 3, H, W) and their
+    low-resolution inputs `low_res` (B, 3, H / f, W / f), both in [-1, 1]; the result is clamped to that range."""
+    factor = image.shape[-1] // low_res.shape[-1]
+    low_res = low_res.to(image)
+    for _ in range(steps):
+        residual = low_res - downsample(image, factor)
+        image = image + F.interpolate(residual, scale_factor=factor, mode="bicubic", align_corners=False)
+    return image.clamp(-1, 1)
 
 
 class LatentUpscalePipeline(LatentPipeline):
@@ -146,6 +176,7 @@ class LatentUpscalePipeline(LatentPipeline):
         image = self.image_processor.preprocess(as_pixels(image, "image", self.vae_scale_factor)).to(
             device, dtype
         )
+        self._clean_low_res = image.repeat_interleave(num_images_per_prompt, dim=0)  # for back_project
         noise = randn_tensor(image.shape, generator=generator, device=device, dtype=dtype)
         level = torch.tensor([noise_level], dtype=torch.long, device=device)
         image = self.low_res_scheduler.add_noise(image, noise, level)
@@ -233,6 +264,7 @@ class LatentUpscalePipeline(LatentPipeline):
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         tile_size: int | None = None,
         tile_overlap: int | None = None,
+        back_projection_steps: int = 0,
     ) -> LatentPipelineOutput | tuple:
         """Upscale `image` 4x guided by `prompt`. Arguments, order and meaning are `StableDiffusionUpscalePipeline`'s
         (its deprecated `callback`/`callback_steps` are `callback_on_step_end`, as in the other pipelines).
@@ -249,6 +281,9 @@ class LatentUpscalePipeline(LatentPipeline):
                 each image into tile_size x tile_size squares (input pixels, a multiple of the VAE factor) that
                 overlap by tile_overlap (default a quarter of a tile), upscale each with the same prompt and
                 settings, and blend the overlaps linearly. None (default) upscales whole images. Not with `latents`.
+            back_projection_steps: Rounds of back-projection onto the input after decoding (module docstring;
+                each tile its own); 0 (default) decodes as diffusers' pipeline does. One or two rounds make the
+                output consistent with an input downsampled as `downsample` does (the training filter).
             The other arguments are `LatentPipeline.__call__`'s.
 
         Returns:
@@ -263,6 +298,7 @@ class LatentUpscalePipeline(LatentPipeline):
         tensor_inputs = list(callback_on_step_end_tensor_inputs or ["latents"])
         if image is None:
             raise ValueError("image is required: pass the low-resolution image to upscale.")
+        check_back_projection(back_projection_steps, output_type)
         f = self.vae_scale_factor
         low_height, low_width = image_hw(image)
         height, width = max(low_height // f, 1) * f * f, max(low_width // f, 1) * f * f
@@ -283,6 +319,7 @@ class LatentUpscalePipeline(LatentPipeline):
                     cross_attention_kwargs=cross_attention_kwargs, clip_skip=clip_skip,
                     callback_on_step_end=callback_on_step_end,
                     callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                    back_projection_steps=back_projection_steps,
                 )  # fmt: skip
 
         # 1. Check inputs
@@ -319,8 +356,14 @@ class LatentUpscalePipeline(LatentPipeline):
             self.guidance_embedding(total, latents.dtype), None, callback_on_step_end, tensor_inputs,
         )  # fmt: skip
 
-        # 7. Decode to images
-        return self.finish_call(self.decode_latents(latents, output_type, generator), return_dict)
+        # 7. Decode to images (and back-project them onto the input)
+        if not back_projection_steps:
+            return self.finish_call(self.decode_latents(latents, output_type, generator), return_dict)
+        pixels = self.decode_latents(latents, "pt", generator) * 2 - 1
+        pixels = back_project(pixels, self._clean_low_res, back_projection_steps)
+        return self.finish_call(
+            self.image_processor.postprocess(pixels, output_type=output_type), return_dict
+        )
 
 
 def check_image_count(image, batch_size: int) -> None:
@@ -346,6 +389,19 @@ def pick(value, k: int, per_image: int):
     if isinstance(value, list) and value and isinstance(value[0], torch.Generator):
         return value[k * per_image : (k + 1) * per_image]
     return value[k]
+
+
+def check_back_projection(steps, output_type: str) -> None:
+    """back_projection_steps is a count, and it works on pixels: not with output_type="latent"."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(
+            f"back_projection_steps={steps!r} must be an integer >= 0 (2 is plenty; 0 turns it off)."
+        )
+    if steps and output_type == "latent":
+        raise ValueError(
+            f"back_projection_steps={steps} works on decoded pixels, not with output_type='latent': "
+            "pass back_projection_steps=0 or another output_type."
+        )
 
 
 def check_tiles(tile_size, tile_overlap, factor: int, latents) -> None:
@@ -400,8 +456,8 @@ class Cascade:
     Args:
         base: A text-to-image pipeline (`LatentPipeline`, or any with its call signature).
         upscaler: The `LatentUpscalePipeline` to run on the base's output.
-        noise_level, upscale_steps, upscale_guidance_scale: The upscaler's `noise_level`, `num_inference_steps` and
-            `guidance_scale`.
+        noise_level, upscale_steps, upscale_guidance_scale, back_projection_steps: The upscaler's `noise_level`,
+            `num_inference_steps`, `guidance_scale` and `back_projection_steps`.
     """
 
     def __init__(
@@ -411,8 +467,11 @@ class Cascade:
         noise_level: int = 20,
         upscale_steps: int = 25,
         upscale_guidance_scale: float = 9.0,
+        back_projection_steps: int = 0,
     ):
         check_noise_level(noise_level, upscaler.config.max_noise_level)
+        check_back_projection(back_projection_steps, "pil")
+        self.back_projection_steps = back_projection_steps
         self.base, self.upscaler = base, upscaler
         self.noise_level, self.upscale_steps, self.upscale_guidance_scale = (
             noise_level, upscale_steps, upscale_guidance_scale,
@@ -457,4 +516,5 @@ class Cascade:
             per_image(prompt), image=small, negative_prompt=per_image(negative_prompt),
             num_inference_steps=self.upscale_steps, guidance_scale=self.upscale_guidance_scale,
             noise_level=self.noise_level, generator=generator, output_type=output_type,
+            back_projection_steps=self.back_projection_steps,
         )  # fmt: skip

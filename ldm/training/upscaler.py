@@ -23,12 +23,11 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
-import torch.nn.functional as F
 from accelerate.logging import get_logger
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
 from ldm.images import image_grid
-from ldm.pipelines.upscale import UPSCALER_SCALING_FACTOR, LatentUpscalePipeline
+from ldm.pipelines.upscale import UPSCALER_SCALING_FACTOR, LatentUpscalePipeline, downsample
 from ldm.seeding import keyed_generator
 from ldm.training.checkpoint import EXPORT_FOLDER, PipelineExport, save_pipeline
 from ldm.training.config import PredictionType, TrainConfig, require
@@ -139,15 +138,6 @@ def rescale_vae_latents(vae, scaling_factor: float = UPSCALER_SCALING_FACTOR):
         vae.post_quant_conv.weight /= k
     vae.register_to_config(scaling_factor=scaling_factor)
     return vae
-
-
-def downsample(pixels: torch.Tensor, factor: int) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, 3, H / factor, W / factor) through an antialiasing (bicubic) filter, clamped to the
-    input's [-1, 1] range: the low-resolution input an upscaler learns from."""
-    small = F.interpolate(
-        pixels, scale_factor=1 / factor, mode="bicubic", antialias=True, align_corners=False
-    )
-    return small.clamp(-1, 1)
 
 
 def upscaler_denoising_loss(

@@ -107,6 +107,9 @@ class App:
             control_scale=None if values.get("control_scale") is None else float(values["control_scale"]),
             controlnet=values.get("controlnet") or "",
             noise_level=None if values.get("noise_level") is None else int(values["noise_level"]),
+            back_projection=(
+                None if values.get("back_projection") is None else int(values["back_projection"])
+            ),
         )
         image, mask = values.get("image"), None
         if mode == "inpaint":
@@ -204,6 +207,13 @@ class App:
         if mode == "upscale":
             c["image"] = gr.Image(type="pil", label="Low-resolution image", elem_id="upscale-image")
             c["noise_level"] = gr.Slider(0, 350, value=20, step=1, label="Noise level")
+            c["back_projection"] = gr.Slider(
+                0,
+                5,
+                value=2,
+                step=1,
+                label="Back-projection rounds (0: as diffusers; 2: agrees with the input)",
+            )
         if mode != "upscale":
             c["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id=f"{mode}-prompt")
         else:

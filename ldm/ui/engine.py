@@ -384,7 +384,11 @@ class Engine:
             kwargs |= {"image": control, "controlnet_conditioning_scale": settings.control_scale}
         else:  # upscale
             call = pipe
-            kwargs |= {"image": image.convert("RGB"), "noise_level": settings.noise_level}
+            kwargs |= {
+                "image": image.convert("RGB"),
+                "noise_level": settings.noise_level,
+                "back_projection_steps": settings.back_projection or 0,
+            }
         call.scheduler = scheduler_from_name(sampler, pipe.scheduler.config)
         call.set_progress_bar_config(disable=True)
         return call, kwargs

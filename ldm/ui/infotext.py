@@ -9,7 +9,8 @@ The layout (what other Stable Diffusion tools read and write)::
 The prompt comes first (a LoRA rides in it as a ``<lora:name:scale>`` tag), then an optional ``Negative prompt:``
 line, then one line of ``Key: value`` pairs; a value holding a comma, colon, quote or line break is written as a JSON
 string. Keys this project adds beside AUTOMATIC1111's (``Steps``, ``Sampler``, ``CFG scale``, ``Seed``, ``Size``,
-``Model``, ``Denoising strength``): ``Mode``, ``Control scale``, ``ControlNet``, ``Noise level``.
+``Model``, ``Denoising strength``): ``Mode``, ``Control scale``, ``ControlNet``, ``Noise level``,
+``Back projection``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class Settings:
     control_scale: float | None = None
     controlnet: str = ""
     noise_level: int | None = None  # the upscaler's
+    back_projection: int | None = None  # the upscaler's rounds of back-projection onto its input
     extra: dict[str, str] = field(default_factory=dict)  # keys another tool wrote, kept as text
 
 
@@ -85,6 +87,7 @@ def format_parameters(settings: Settings) -> str:
         "ControlNet": settings.controlnet or None,
         "Control scale": None if settings.control_scale is None else _number(settings.control_scale),
         "Noise level": settings.noise_level,
+        "Back projection": settings.back_projection,
         **settings.extra,
     }
     lines.append(
@@ -141,6 +144,7 @@ def parse_parameters(text: str) -> Settings:
         "ControlNet": ("controlnet", str),
         "Control scale": ("control_scale", float),
         "Noise level": ("noise_level", int),
+        "Back projection": ("back_projection", int),
     }
     for key, value in pairs.items():
         if key in readers:
