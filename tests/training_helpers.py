@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -88,9 +90,18 @@ def run_with_stack_dump(cmd: list[str], timeout: float, **kwargs) -> subprocess.
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGUSR1)
-            time.sleep(3)
-            os.killpg(process.pid, signal.SIGKILL)
+            # The launcher's workers may run in process groups of their own: signal each one found under it
+            # too, or a worker left alive keeps the pipes open and communicate() waits for it for ever.
+            try:
+                workers = psutil.Process(process.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                workers = []
+            for sig in (signal.SIGUSR1, signal.SIGKILL):
+                os.killpg(process.pid, sig)
+                for worker in workers:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        worker.send_signal(sig)
+                time.sleep(3 if sig == signal.SIGUSR1 else 0)
             stdout, stderr = process.communicate()
             raise subprocess.TimeoutExpired(cmd, timeout, stdout, stderr) from None
     return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
