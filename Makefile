@@ -59,8 +59,8 @@ LAUNCH := $(BIN)/accelerate launch --cpu --num_cpu_threads_per_process $(THREADS
 	--mixed_precision no --dynamo_backend no
 # The LCM-LoRA's settings beside configs/lcm_demo.yaml: a rank-8 adapter on every attention, feed-forward and ResNet
 # layer (diffusers' LCM-LoRA targets), guidance fixed at the demo's 7.5 (w = 6.5), the higher rate adapters train at,
-# and 1000 steps (an adapter step costs more than a full one here: 10 to 11 min either way). Rank 8 from three tried
-# (README): 90.0 % at 4 steps, against 88.3 % at rank 16 and 81.7 % at rank 32.
+# and 1000 steps (an adapter step costs more than a full one here). Rank 8 from three tried on the earlier demo model
+# (README): 90.0 % at 4 steps, against 88.3 % at rank 16 and 81.7 % at rank 32; 95.0 % on the current one.
 LCM_LORA := --lora_rank 8 --lora_target_modules to_q to_k to_v to_out.0 proj_in proj_out ff.net.0.proj ff.net.2 \
 	conv1 conv2 conv_shortcut time_emb_proj --w_min 6.5 --w_max 6.5 --learning_rate 1e-3 --max_train_steps 1000
 

@@ -279,9 +279,13 @@ def test_bad_settings_fail_before_any_model_loads(world, tmp_path, monkeypatch, 
     assert text.startswith(f"{SCRIPT}: ") and message in text, text
 
 
-def test_evaluate_fewstep_times_and_scores_every_sampler_at_every_step_count(world, lora_dir, tmp_path):
+def test_evaluate_fewstep_times_and_scores_every_sampler_at_every_step_count(
+    world, lora_dir, tmp_path, monkeypatch
+):
     from ldm.presets import build_pipeline
 
+    # Read for the report only (OpenMP read its own at start-up).
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     lcm = with_guidance_embedding(build_pipeline("tiny", world / "tokenizer", seed=0))
     lcm.save_pretrained(tmp_path / "lcm")
     rows = load_script("evaluate_fewstep").main(
@@ -296,6 +300,8 @@ def test_evaluate_fewstep_times_and_scores_every_sampler_at_every_step_count(wor
     assert [r["unet_calls"] for r in rows[5:]] == [1, 2, 4, 8] * 2
     assert all(0 < r["denoise_seconds_per_image"] < r["seconds_per_image"] for r in rows)
     assert all(0 <= r["accuracy"]["all"] <= 1 for r in rows)
+    report = json.loads((tmp_path / "eval" / "fewstep.json").read_text())
+    assert report["omp_wait_policy"] == "PASSIVE"
     table = (tmp_path / "eval" / "fewstep.txt").read_text()
     assert table.count("\n") == len(rows) + 2 and "| LCM-LoRA | 4 | 1 | 4 |" in table
     grid = Image.open(tmp_path / "eval" / "grid.png")

@@ -7,7 +7,8 @@ teacher's guided DDIM, on the held-out prompts of the shapes dataset.
 Every row draws each held-out prompt once per seed from the same noise (`evaluate_adherence`) and reads the image
 back with the detector. Its time per image is the pipeline calls' alone (text encoding, denoising, VAE decoding,
 conversion to PIL: what a user waits for; not the detector's scoring), every row in this one process, so the times
-are ratios measured together:
+are ratios measured together. Run it alone: the times move with the machine's load and with OpenMP's wait policy
+(OMP_WAIT_POLICY, which the report records), the accuracies do not.
 
     LCM (full)     LatentPipeline + LCMScheduler, guidance 7.5 through the UNet's guidance embedding; 1, 2, 4, 8 steps
     LCM-LoRA       the teacher + LCMScheduler + the adapter, guidance 1 (distilled in); 1, 2, 4, 8 steps
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -170,6 +172,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "num_prompts": len(prompts),
         "seeds": args.seeds,
         "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "rows": rows,
     }
     (out_dir / "fewstep.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
