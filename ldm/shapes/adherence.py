@@ -143,7 +143,7 @@ class _Control:
         }
 
 
-def _generate(
+def generate_images(
     pipe,
     prompts: Sequence[dict],
     samples: Sequence[tuple[int, int]],
@@ -342,7 +342,7 @@ def evaluate_adherence(
             if outlines is not None:
                 guidance_scale, control_scale = setting
                 control = _Control(outlines, control_scale, guess_mode)
-            images = _generate(
+            images = generate_images(
                 pipe, prompts, samples, guidance_scale, num_inference_steps, batch_size, progress, control
             )
             records = [
@@ -579,7 +579,7 @@ def adherence_grid(
     samples = [(i, seed) for i in range(len(prompts))]
     outlines = None if control_scale is None else _load_images(prompts, "conditioning_image", "RGB")
     control = None if outlines is None else _Control(outlines, control_scale, guess_mode)
-    images = _generate(
+    images = generate_images(
         pipe, prompts, samples, guidance_scale, num_inference_steps, batch_size, control=control
     )
     if outlines is not None:
