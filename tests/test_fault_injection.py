@@ -274,6 +274,20 @@ def test_rows_without_captions_and_unreadable_held_out_images_cost_nothing(world
     assert (out / "checkpoint-3" / "manifest.json").is_file() and (out / "model_index.json").is_file()
 
 
+def test_a_run_whose_whole_epoch_is_unreadable_stops_at_its_end_naming_the_cause(world, tmp_path):
+    mine = copy_world(world, tmp_path)
+    for png in (mine / "data" / "train").glob("*.png"):
+        png.write_bytes(b"not a png")
+    out = tmp_path / "run"
+    # 40 rows of 16 px, 8 held out: one epoch is 8 steps of 4; without the check the run would train for 50 on nothing.
+    result = launch(mine, out, "--cache_latents", "false", "--max_train_steps", "50", "--checkpointing_steps", "100",
+                    check=False)  # fmt: skip
+    assert result.returncode != 0
+    log = result.stdout + result.stderr
+    assert "No image of epoch 0 could be read (32 samples skipped" in log and "'image' replaces" in log
+    assert "| 8/50 " in log and "| 9/50 " not in log  # stopped at the end of the first epoch
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

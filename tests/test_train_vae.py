@@ -76,6 +76,26 @@ def test_trains_saves_scaling_factor_and_reuses(data_dir, tmp_path):
     assert (out / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == weights
 
 
+def test_an_epoch_of_unreadable_images_stops_the_run_before_it_trains_on_nothing(data_dir, tmp_path):
+    broken = tmp_path / "data"
+    (broken / "train").mkdir(parents=True)
+    (broken / "train" / "metadata.jsonl").write_text((data_dir / "train" / "metadata.jsonl").read_text())
+    for row in (data_dir / "train" / "metadata.jsonl").read_text().splitlines():
+        (broken / "train" / json.loads(row)["file_name"]).write_bytes(b"not a png")
+    args = base_args(broken, tmp_path / "vae")
+    args[args.index("--max_train_steps") + 1] = "400"  # 4 steps make an epoch here
+    cmd = [
+        str(ACCELERATE), "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *args,
+    ]  # fmt: skip
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300
+    )
+    assert result.returncode != 0
+    assert "No image of epoch 0 could be read (32 samples skipped" in result.stderr
+    assert not (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").exists()
+
+
 def test_trains_on_random_windows_and_measures_whole_images(data_dir, tmp_path):
     out = tmp_path / "vae"
     argv = base_args(data_dir, out)

@@ -33,7 +33,7 @@ from ldm.presets import PRESETS
 from ldm.seeding import keyed_generator
 from ldm.training.config import TrainConfig, load_config, require
 from ldm.training.data import TrainDataset, collate_fn
-from ldm.training.distributed import finish, setup_logging, total_over_processes
+from ldm.training.distributed import check_epoch_read, finish, setup_logging, total_over_processes
 from ldm.training.sources import load_image_caption_dataset
 from ldm.training.transforms import ImageCaptionTransform, random_windows
 from ldm.training.vae import (
@@ -256,8 +256,10 @@ def main(argv: list[str] | None = None) -> None:
     for epoch in itertools.count():
         train_dataset.set_epoch(epoch)
         train_dataloader.set_epoch(epoch)
+        kept, skipped = 0, 0
         for batch in train_dataloader:
             skipped_images += batch["num_skipped"]
+            kept, skipped = kept + len(batch["pixel_values"]), skipped + batch["num_skipped"]
             x, has_data = pixels_or_placeholder(batch, config.resolution)
             x = x.to(accelerator.device)
             generator = keyed_generator(
@@ -297,6 +299,8 @@ def main(argv: list[str] | None = None) -> None:
             accelerator.log(logs, step=global_step)
             if global_step >= config.max_train_steps:
                 break
+        else:  # the epoch ran to its end
+            check_epoch_read(accelerator, kept, skipped, epoch)
         if global_step >= config.max_train_steps:
             break
     progress.close()

@@ -85,6 +85,22 @@ def total_over_processes(accelerator: Accelerator, count: int) -> int:
     return int(accelerator.reduce(torch.tensor(count, device=accelerator.device), "sum"))
 
 
+def check_epoch_read(accelerator: Accelerator, kept: int, skipped: int, epoch: int) -> None:
+    """Stop a run in which a whole epoch decoded no image on any process (a collective call): every further step would
+    train on nothing. A run with some readable images goes on, skipping and counting the rest.
+
+    Raises:
+        ValueError: naming the epoch, how many samples were skipped and where to look.
+    """
+    if total_over_processes(accelerator, kept) == 0:
+        skipped = total_over_processes(accelerator, skipped)
+        raise ValueError(
+            f"No image of epoch {epoch} could be read ({skipped} samples skipped; the warnings above name each with "
+            "its error), so training would learn nothing. Check the image column (in an imagefolder's metadata.jsonl "
+            "a column named 'image' replaces the decoded pixels) and that the files exist and open."
+        )
+
+
 def finish(accelerator: Accelerator) -> None:
     """End the run on every process: a barrier, then `end_training`.
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ldm.seeding import keyed_generator
 from ldm.training.checkpoint import TrainingPosition, complete_checkpoints
 from ldm.training.data import TrainLoader
+from ldm.training.distributed import check_epoch_read
 from ldm.training.lora import trainable_parameters
 
 # (batch, epoch, generator) -> the micro-batch's scalar loss; every random draw from `generator`.
@@ -130,10 +131,12 @@ def train_loop(
         if global_step >= config.max_train_steps:
             break  # resumed from the last checkpoint of a finished run: nothing left to train
         batches_done = start.skip_batches(accelerator.num_processes) if epoch == start.epoch else 0
+        whole_epoch, kept, skipped = batches_done == 0, 0, 0
         clock = time.perf_counter()  # step time includes loading the batch (decoding, in the uncached path)
         for batch in loader.batches(epoch, skip_batches=batches_done):
             batches_done += 1
             skipped_images += batch["num_skipped"]
+            kept, skipped = kept + len(batch["indices"]), skipped + batch["num_skipped"]
             with accelerator.accumulate(model):
                 generator = keyed_generator(config.seed, micro_step, accelerator.process_index)
                 loss = micro_batch_loss(batch, epoch, generator)
@@ -179,5 +182,8 @@ def train_loop(
             if global_step >= config.max_train_steps:
                 break
             clock = time.perf_counter()  # validation and checkpoints are not training throughput
+        else:  # the epoch ran to its end (on every process alike)
+            if whole_epoch:
+                check_epoch_read(accelerator, kept, skipped, epoch)
     progress.close()
     return LoopResult(global_step, train_samples, train_seconds, skipped_images, grid_path)
