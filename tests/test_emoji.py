@@ -60,6 +60,12 @@ def test_the_set_has_captions_from_names_white_backgrounds_and_counts_what_it_sk
     ]
     # In the package's sort order, the chosen categories only; a missing name falls back to the short name.
     assert [row["text"] for row in rows] == ["cat face", "dog face", "red apple"]
+    assert set(rows[0]) == {
+        "file_name",
+        "text",
+        "category",
+        "emoji_file",
+    }  # no "image": it would shadow the pixels
     assert (
         source["num_images"] == 3
         and source["num_skipped"] == 1
@@ -152,3 +158,13 @@ def test_the_ceiling_judges_the_vae_reconstructions(package, tmp_path):
 
     assert retrieval.judge_ceiling(Vae(grey=False), tmp_path / "set") == {"top1": 1.0, "top10": 1.0}
     assert retrieval.judge_ceiling(Vae(grey=True), tmp_path / "set")["top1"] < 1.0
+
+
+def test_the_judge_runs_on_a_pipeline_folder(package, saved_tiny_pipe, tmp_path, capsys):
+    data.build_dataset(package, tmp_path / "set")
+    scores = retrieval.main(
+        ["--model", str(saved_tiny_pipe), "--data_dir", str(tmp_path / "set"), "--steps", "2"]
+    )
+    assert set(scores) == {"samples", "ceiling"}
+    assert all(0 <= value <= 1 for part in scores.values() for value in part.values())
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == scores

@@ -11,7 +11,7 @@ categories: 290 distinct objects, a few hundred pictures as small as the shapes 
 
 Writes DIR/train/NNNN.png (RGB: the transparent background composited onto white, where a plain RGB conversion would
 keep whatever colour the transparent pixels hold) and DIR/train/metadata.jsonl (`file_name`, `text`, `category`,
-`image`), the layout `train_ldm.py --train_data_dir DIR` and diffusers' `train_text_to_image.py` read, and
+`emoji_file`), the layout `train_ldm.py --train_data_dir DIR` and diffusers' `train_text_to_image.py` read, and
 DIR/source.json (package, version, categories, counts). An entry whose PNG is missing or unreadable is skipped and
 counted there.
 """
@@ -101,7 +101,7 @@ def build_dataset(package_tgz: Path, out_dir: Path, categories: tuple[str, ...] 
                     "file_name": file_name,
                     "text": caption(entry),
                     "category": entry["category"],
-                    "image": entry["image"],
+                    "emoji_file": entry["image"],  # not "image": that column would replace the decoded pixels
                 }
             )
     with open(train_dir / "metadata.jsonl", "w", encoding="utf-8") as f:

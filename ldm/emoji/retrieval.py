@@ -91,3 +91,42 @@ def judge_ceiling(vae, data_dir: str | Path, batch_size: int = 32) -> dict[str, 
         pixels = ((y.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         recon += [PIL.Image.fromarray(p) for p in pixels]
     return top_k(ranks(features(recon), features(images), range(len(images))))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """`python -m ldm.emoji.retrieval --model DIR --data_dir DIR`: print the judge's scores (JSON) of a pipeline
+    folder's samples and of its VAE's reconstructions (the ceiling)."""
+    import argparse
+
+    from ldm.pipelines.text_to_image import LatentPipeline
+
+    parser = argparse.ArgumentParser(
+        description="Top-1 / top-10 retrieval of a model's samples among its training set."
+    )
+    parser.add_argument(
+        "--model", required=True, help="A pipeline folder (train_ldm.py's output, or a checkpoint's)."
+    )
+    parser.add_argument(
+        "--data_dir", required=True, help="The image folder it trained on (train/metadata.jsonl)."
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="Samples per caption, by seed (default 0)."
+    )
+    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25).")
+    parser.add_argument("--num_prompts", type=int, help="Captions judged, spread over the set (default all).")
+    args = parser.parse_args(argv)
+    pipe = LatentPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    scores = {
+        "samples": judge_pipeline(
+            pipe, args.data_dir, args.seeds, args.guidance_scale, args.steps, num_prompts=args.num_prompts
+        ),
+        "ceiling": judge_ceiling(pipe.vae, args.data_dir),
+    }
+    print(json.dumps(scores))
+    return scores
+
+
+if __name__ == "__main__":
+    main()
