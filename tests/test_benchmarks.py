@@ -1,8 +1,12 @@
-"""The benchmarks' own pieces: the bare UNet step and its FLOP count, and the torchvision stand-ins."""
+"""The benchmarks' own pieces: the bare UNet step and its FLOP count, the torchvision stand-ins, and the time-to-quality
+benchmark end to end on a stand-in trainer."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +21,14 @@ def load(name: str, path: Path):
     """A module from a file, without putting its folder on sys.path (the stub must not pose as torchvision)."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
 unet_step = load("unet_step", ROOT / "benchmarks" / "unet_step.py")
 transforms = load("torchvision_stub_transforms", ROOT / "benchmarks" / "torchvision_stub" / "transforms.py")
+time_to_quality = load("time_to_quality", ROOT / "benchmarks" / "time_to_quality.py")
 
 
 @pytest.fixture
@@ -64,3 +70,80 @@ def test_torchvision_stand_ins_do_what_train_text_to_image_asks():
     resized = transforms.Resize(16)(image)
     assert resized.size == (27, 16)  # shorter side 16, aspect kept
     assert transforms.RandomCrop(16)(resized).size == (16, 16)
+
+
+# A stand-in for `accelerate launch train_ldm.py ...`: it notes its flags, then saves the base's UNet as checkpoints
+# 1 and 2, a moment apart, and (with --max_train_steps 99) hangs until it is stopped.
+FAKE_TRAINER = """
+import json, shutil, sys, time
+from pathlib import Path
+args = sys.argv[2:]  # after the training script's path
+flag = lambda name: args[args.index(name) + 1]
+out = Path(flag("--output_dir"))
+out.mkdir(parents=True, exist_ok=True)
+(out / "argv.json").write_text(json.dumps(args))
+for step in (1, 2):
+    shutil.copytree(Path(flag("--pretrained_model_name_or_path")) / "unet", out / f"checkpoint-{step}" / "pipeline" / "unet")
+    time.sleep(0.3)
+if flag("--max_train_steps") == "99":
+    time.sleep(600)
+"""
+
+
+@pytest.fixture
+def fake_trainer(tmp_path, monkeypatch):
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    monkeypatch.setattr(time_to_quality, "launcher", lambda: [sys.executable, str(script)])
+    return script
+
+
+def test_a_run_is_stopped_at_its_budget_and_keeps_the_time_of_each_checkpoint(
+    fake_trainer, saved_tiny_pipe, tmp_path
+):
+    command = [sys.executable, str(fake_trainer), "train_ldm.py", "--output_dir", str(tmp_path / "run")]
+    command += ["--pretrained_model_name_or_path", str(saved_tiny_pipe), "--max_train_steps", "99"]
+    timeline = time_to_quality.run_with_budget(command, tmp_path / "run", budget_s=4, env={}, poll_s=0.1)
+    assert timeline["stopped_at_budget"] and 4 <= timeline["wall_s"] < 30
+    assert sorted(timeline["checkpoints"]) == [1, 2]
+    assert 0 < timeline["checkpoints"][1] <= timeline["checkpoints"][2] < 4
+
+
+def test_a_launch_that_fails_before_any_checkpoint_raises_with_its_log(tmp_path):
+    command = [sys.executable, "-c", "import sys; print('bad flag --x'); sys.exit(3)"]
+    with pytest.raises(RuntimeError, match="exit 3(.|\\n)*bad flag --x"):
+        time_to_quality.run_with_budget(command, tmp_path / "run", budget_s=60, env={}, poll_s=0.1)
+
+
+def test_the_benchmark_scores_every_checkpoint_prints_the_table_and_plots(
+    fake_trainer, saved_tiny_pipe, tmp_path, capsys
+):
+    emoji = tmp_path / "emoji"
+    (emoji / "data" / "train").mkdir(parents=True)
+    rows = []
+    for i, (caption, color) in enumerate(
+        [("red cat", (255, 0, 0)), ("blue dog", (0, 0, 255)), ("green", (0, 255, 0))]
+    ):
+        PIL.Image.new("RGB", (16, 16), color).save(emoji / "data" / "train" / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": caption}))
+    (emoji / "data" / "train" / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    shutil.copytree(saved_tiny_pipe, emoji / "base")
+    out = tmp_path / "ttq"
+    shutil.copytree(saved_tiny_pipe, out / "emoji" / "base")  # the shared base, saved once (a tiny one here)
+    argv = ["--datasets", "emoji", "--emoji_dir", str(emoji), "--out_dir", str(out), "--budget_s", "120"]
+    argv += ["--eval_every", "1", "--emoji_steps", "2", "--variant", "lr=--learning_rate 2e-3"]
+    report = time_to_quality.main(argv)
+
+    head, variant = report["emoji"][time_to_quality.HEAD], report["emoji"]["lr"]
+    assert [row["step"] for row in head] == [1, 2] == [row["step"] for row in variant]
+    assert all(0 <= row["top1"] <= row["top10"] <= 1 and row["wall_s"] > 0 for row in head + variant)
+    flags = json.loads((out / "emoji" / "lr" / "argv.json").read_text())
+    assert flags[-2:] == ["--cache_dir", str(out / "emoji" / "lr" / "cache")]
+    assert "--learning_rate" in flags and flags[flags.index("--learning_rate") + 1] == "2e-3"
+    assert flags[flags.index("--unet_preset") + 1] == "none"  # both start from the base's random UNet
+    printed = capsys.readouterr().out
+    assert "| lr | 2 |" in printed and "judge's ceiling" in printed
+    assert PIL.Image.open(out / "emoji.png").size == (600, 400)
+    # A second run reuses the scores on disk and launches nothing.
+    fake_trainer.write_text("raise SystemExit('launched again')")
+    assert time_to_quality.main(argv) == report
