@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -13,7 +15,9 @@ from ldm.presets import build_pipeline
 from ldm.tokenizer import write_clip_tokenizer
 from tests.training_helpers import make_world
 
-torch.set_num_threads(2)
+# Both cores for one pytest process; one each when pytest-xdist runs two workers (`make test` does), as two torch
+# processes on two cores with two threads each spin-wait on each other's cores.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 LORA_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
