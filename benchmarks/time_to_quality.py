@@ -4,7 +4,7 @@ image set, each recipe run in turn on the same machine.
     python benchmarks/time_to_quality.py [--datasets shapes emoji] [--budget_s 1200] [--eval_every 250]
         [--demo_dir outputs/demo] [--emoji_dir outputs/emoji] [--baseline_commit b14f73c]
         [--diffusers_script PATH/TO/diffusers/examples/text_to_image/train_text_to_image.py]
-        [--variant NAME="FLAGS"] ... [--out_dir outputs/time_to_quality]
+        [--variant NAME="FLAGS"] ... [--variants_only] [--out_dir outputs/time_to_quality]
 
 Every recipe trains from one saved base per dataset: the dataset's VAE and text stack (`make demo`'s
 `outputs/demo/base`; `outputs/emoji/base` as README's real-image-set section builds it) plus one randomly
@@ -26,9 +26,9 @@ weights they trained, and evaluation never shares the CPU with training.
   recipe's score at the budget.
 
 `--variant NAME="FLAGS"` adds a `train_ldm.py` recipe with extra flags on every dataset run (one lever at a time:
-`--variant lr2e-3="--learning_rate 2e-3"`). Each recipe's folder keeps its log, its timeline and its scores, and a
-finished recipe is not run again: delete its folder to re-measure it. One PNG per dataset plots quality against
-wall minutes, one line per recipe.
+`--variant lr2e-3="--learning_rate 2e-3"`); `--variants_only` leaves out the reference recipes. Each recipe's
+folder keeps its log, its timeline and its scores, and a finished recipe is not run again: delete its folder to
+re-measure it. One PNG per dataset plots quality against wall minutes, one line per recipe.
 """
 
 from __future__ import annotations
@@ -382,8 +382,9 @@ def build_datasets(args: argparse.Namespace, out_dir: Path) -> list[Dataset]:
         )
         steps = None if name == "shapes" else args.emoji_steps  # shapes: the demo config's own
         flags = common_flags(dataset, args.eval_every, steps)
-        dataset.recipes.append(ldm_recipe(HEAD, ROOT / "configs" / "demo.yaml", flags))
-        if name == "shapes" and args.baseline_commit:
+        if not args.variants_only:
+            dataset.recipes.append(ldm_recipe(HEAD, ROOT / "configs" / "demo.yaml", flags))
+        if name == "shapes" and args.baseline_commit and not args.variants_only:
             checkout = baseline_checkout(args.baseline_commit, out_dir)
             dataset.recipes.append(
                 ldm_recipe(
@@ -393,7 +394,7 @@ def build_datasets(args: argparse.Namespace, out_dir: Path) -> list[Dataset]:
                     checkout,
                 )
             )
-        if name == "emoji" and args.diffusers_script:
+        if name == "emoji" and args.diffusers_script and not args.variants_only:
             dataset.recipes.append(
                 diffusers_recipe(Path(args.diffusers_script), dataset, args.eval_every, args.emoji_steps)
             )
@@ -420,8 +421,15 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--diffusers_script", default=None, help="diffusers' train_text_to_image.py (emoji)")
     parser.add_argument("--variant", type=parse_variant, action="append", default=[], metavar='NAME="FLAGS"')
+    parser.add_argument(
+        "--variants_only",
+        action="store_true",
+        help="run only the --variant recipes (a lever search that compares them with each other)",
+    )
     parser.add_argument("--out_dir", default=str(ROOT / "outputs" / "time_to_quality"))
     args = parser.parse_args(argv)
+    if args.variants_only and not args.variant:
+        parser.error("--variants_only runs the --variant recipes: give at least one --variant.")
     if args.budget_s <= 0 or args.eval_every < 1 or args.emoji_steps < 1:
         parser.error(
             f"--budget_s {args.budget_s}, --eval_every {args.eval_every}, --emoji_steps {args.emoji_steps}: "
