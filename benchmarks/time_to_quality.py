@@ -364,6 +364,26 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, shlex.split(flags)
 
 
+def reference_recipes(
+    args: argparse.Namespace, dataset: Dataset, flags: list[str], out_dir: Path
+) -> list[Recipe]:
+    """What the variants are measured against: the demo's config now, and b14f73c's (shapes) or diffusers'
+    train_text_to_image.py (emoji) when asked for."""
+    recipes = [ldm_recipe(HEAD, ROOT / "configs" / "demo.yaml", flags)]
+    if dataset.name == "shapes" and args.baseline_commit:
+        checkout = baseline_checkout(args.baseline_commit, out_dir)
+        recipes.append(
+            ldm_recipe(
+                f"train_ldm.py ({args.baseline_commit})", checkout / "configs" / "demo.yaml", flags, checkout
+            )
+        )
+    if dataset.name == "emoji" and args.diffusers_script:
+        recipes.append(
+            diffusers_recipe(Path(args.diffusers_script), dataset, args.eval_every, args.emoji_steps)
+        )
+    return recipes
+
+
 def build_datasets(args: argparse.Namespace, out_dir: Path) -> list[Dataset]:
     """The datasets asked for, each with its base (saved once) and its recipes."""
     datasets = []
@@ -383,21 +403,7 @@ def build_datasets(args: argparse.Namespace, out_dir: Path) -> list[Dataset]:
         steps = None if name == "shapes" else args.emoji_steps  # shapes: the demo config's own
         flags = common_flags(dataset, args.eval_every, steps)
         if not args.variants_only:
-            dataset.recipes.append(ldm_recipe(HEAD, ROOT / "configs" / "demo.yaml", flags))
-        if name == "shapes" and args.baseline_commit and not args.variants_only:
-            checkout = baseline_checkout(args.baseline_commit, out_dir)
-            dataset.recipes.append(
-                ldm_recipe(
-                    f"train_ldm.py ({args.baseline_commit})",
-                    checkout / "configs" / "demo.yaml",
-                    flags,
-                    checkout,
-                )
-            )
-        if name == "emoji" and args.diffusers_script and not args.variants_only:
-            dataset.recipes.append(
-                diffusers_recipe(Path(args.diffusers_script), dataset, args.eval_every, args.emoji_steps)
-            )
+            dataset.recipes += reference_recipes(args, dataset, flags, out_dir)
         for variant, extra in args.variant:
             dataset.recipes.append(ldm_recipe(variant, ROOT / "configs" / "demo.yaml", [*flags, *extra]))
         datasets.append(dataset)
