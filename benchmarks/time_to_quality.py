@@ -26,7 +26,9 @@ weights they trained, and evaluation never shares the CPU with training.
   recipe's score at the budget.
 
 `--variant NAME="FLAGS"` adds a `train_ldm.py` recipe with extra flags on every dataset run (one lever at a time:
-`--variant lr2e-3="--learning_rate 2e-3"`); `--variants_only` leaves out the reference recipes. Each recipe's
+`--variant lr2e-3="--learning_rate 2e-3"`); `--variants_only` leaves out the demo config as it is now, so that
+only the variants run, beside whichever reference the command names (`--baseline_commit`, `--diffusers_script`).
+Each recipe's
 folder keeps its log, its timeline and its scores, and a finished recipe is not run again: delete its folder to
 re-measure it. One PNG per dataset plots quality against wall minutes, one line per recipe.
 """
@@ -367,9 +369,9 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 def reference_recipes(
     args: argparse.Namespace, dataset: Dataset, flags: list[str], out_dir: Path
 ) -> list[Recipe]:
-    """What the variants are measured against: the demo's config now, and b14f73c's (shapes) or diffusers'
-    train_text_to_image.py (emoji) when asked for."""
-    recipes = [ldm_recipe(HEAD, ROOT / "configs" / "demo.yaml", flags)]
+    """What the variants are measured against: the demo's config now (unless --variants_only), and b14f73c's
+    (shapes) or diffusers' train_text_to_image.py (emoji) when asked for."""
+    recipes = [] if args.variants_only else [ldm_recipe(HEAD, ROOT / "configs" / "demo.yaml", flags)]
     if dataset.name == "shapes" and args.baseline_commit:
         checkout = baseline_checkout(args.baseline_commit, out_dir)
         recipes.append(
@@ -402,8 +404,7 @@ def build_datasets(args: argparse.Namespace, out_dir: Path) -> list[Dataset]:
         )
         steps = None if name == "shapes" else args.emoji_steps  # shapes: the demo config's own
         flags = common_flags(dataset, args.eval_every, steps)
-        if not args.variants_only:
-            dataset.recipes += reference_recipes(args, dataset, flags, out_dir)
+        dataset.recipes += reference_recipes(args, dataset, flags, out_dir)
         for variant, extra in args.variant:
             dataset.recipes.append(ldm_recipe(variant, ROOT / "configs" / "demo.yaml", [*flags, *extra]))
         datasets.append(dataset)
@@ -430,7 +431,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--variants_only",
         action="store_true",
-        help="run only the --variant recipes (a lever search that compares them with each other)",
+        help="leave out the demo config as it is now: the --variant recipes (a lever search), beside the "
+        "--baseline_commit or --diffusers_script when given",
     )
     parser.add_argument("--out_dir", default=str(ROOT / "outputs" / "time_to_quality"))
     args = parser.parse_args(argv)

@@ -147,7 +147,7 @@ def test_the_benchmark_scores_every_checkpoint_prints_the_table_and_plots(
     # A second run reuses the scores on disk and launches nothing.
     fake_trainer.write_text("raise SystemExit('launched again')")
     assert time_to_quality.main(argv) == report
-    # --variants_only: the variants alone, no reference recipe.
+    # --variants_only: the variants without the demo config (no other reference was named here).
     assert time_to_quality.main([*argv, "--variants_only"]) == {"emoji": {"lr": report["emoji"]["lr"]}}
     with pytest.raises(SystemExit):
         time_to_quality.main(["--variants_only", "--datasets", "emoji", "--emoji_dir", str(emoji)])
