@@ -83,7 +83,8 @@ out = Path(flag("--output_dir"))
 out.mkdir(parents=True, exist_ok=True)
 (out / "argv.json").write_text(json.dumps(args))
 for step in (1, 2):
-    shutil.copytree(Path(flag("--pretrained_model_name_or_path")) / "unet", out / f"checkpoint-{step}" / "pipeline" / "unet")
+    for folder in ("pipeline/unet", "unet_ema"):  # train_ldm.py's layout, diffusers' script's
+        shutil.copytree(Path(flag("--pretrained_model_name_or_path")) / "unet", out / f"checkpoint-{step}" / folder)
     time.sleep(0.3)
 if flag("--max_train_steps") == "99":
     time.sleep(600)
@@ -149,5 +150,13 @@ def test_the_benchmark_scores_every_checkpoint_prints_the_table_and_plots(
     assert time_to_quality.main(argv) == report
     # --variants_only: the variants without the demo config (no other reference was named here).
     assert time_to_quality.main([*argv, "--variants_only"]) == {"emoji": {"lr": report["emoji"]["lr"]}}
+    # ... and beside a reference the command names (diffusers' script, launched through the same fake trainer).
+    fake_trainer.write_text(FAKE_TRAINER)  # the diffusers recipe is new: it trains
+    (tmp_path / "train.py").write_text("")  # never run: the fake trainer stands in for every launch
+    both = time_to_quality.main([*argv, "--variants_only", "--diffusers_script", str(tmp_path / "train.py")])
+    assert (
+        set(both["emoji"]) == {time_to_quality.DIFFUSERS, "lr"}
+        and both["emoji"]["lr"] == report["emoji"]["lr"]
+    )
     with pytest.raises(SystemExit):
         time_to_quality.main(["--variants_only", "--datasets", "emoji", "--emoji_dir", str(emoji)])
