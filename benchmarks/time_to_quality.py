@@ -13,7 +13,9 @@ stopped when `--budget_s` wall seconds have passed since it started (start-up, m
 count: a user waits for them too). The benchmark watches the output folder and notes the wall second at which each
 `checkpoint-N` appeared (one every `--eval_every` steps); after the launch ends it samples each checkpoint's UNet
 (the EMA weights when EMA is on) with the base's VAE, text stack and DDIM scheduler, so recipes differ only in the
-weights they trained, and evaluation never shares the CPU with training.
+weights they trained, and evaluation never shares the CPU with training. A recipe that trains another prediction
+type or zero terminal SNR (`--prediction_type v_prediction --rescale_betas_zero_snr`) is sampled with the schedule
+its own pipeline would save, and with guidance rescaled by 0.7 as its validation grids are.
 
 - shapes (`make demo`'s data): all-attribute adherence of the 30 held-out prompts x seeds 0, 1 at guidance 7.5 and
   25 DDIM steps (`ldm.shapes.adherence`), for `train_ldm.py --config configs/demo.yaml` as it is now ("HEAD") and
@@ -243,6 +245,40 @@ def emoji_score(data_dir: Path) -> Callable[[object], dict[str, float]]:
     return lambda pipe: judge_pipeline(pipe, data_dir)
 
 
+class RescaledGuidance:
+    """A pipeline called with guidance rescaled by 0.7, as train_ldm.py's validation samples a zero-terminal-SNR
+    model (Lin et al. 2023, sec. 3.4); everything else is the pipeline's."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def __call__(self, *args, **kwargs):
+        return self.pipe(*args, guidance_rescale=0.7, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.pipe, name)
+
+
+def with_run_schedule(pipe, run_dir: Path):
+    """The base pipeline to sample a run's checkpoints with: as it is, or, for a run that trained another prediction
+    type or zero terminal SNR (its saved config.yaml says), with the DDIM schedule that run's own pipeline saves."""
+    import yaml
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from ldm.training.config import load_config
+    from ldm.training.run import training_schedule
+
+    config_path = run_dir / "config.yaml"
+    saved = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+    if saved.get("prediction_type") is None and not saved.get("rescale_betas_zero_snr"):
+        return pipe
+    config = load_config(["--config", str(config_path)])
+    # As train_ldm.py builds it: the base's schedule read as DDPM's, the run's changes on top, then DDIM.
+    base_schedule = DDPMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = DDIMScheduler.from_config(training_schedule(base_schedule, config).config)
+    return RescaledGuidance(pipe) if config.rescale_betas_zero_snr else pipe
+
+
 def evaluate_run(dataset: Dataset, recipe: Recipe, run_dir: Path, timeline: dict) -> list[dict]:
     """One row per checkpoint reached within the budget: step, wall seconds and scores. The sampled pipeline is the
     base with the checkpoint's UNet swapped in; a checkpoint cut off mid-save by the budget is left out."""
@@ -250,7 +286,7 @@ def evaluate_run(dataset: Dataset, recipe: Recipe, run_dir: Path, timeline: dict
 
     from ldm.pipelines.text_to_image import LatentPipeline
 
-    pipe = LatentPipeline.from_pretrained(dataset.base)
+    pipe = with_run_schedule(LatentPipeline.from_pretrained(dataset.base), run_dir)
     pipe.set_progress_bar_config(disable=True)
     rows = []
     for step, wall_s in timeline["checkpoints"].items():

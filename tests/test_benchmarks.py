@@ -160,3 +160,31 @@ def test_the_benchmark_scores_every_checkpoint_prints_the_table_and_plots(
     )
     with pytest.raises(SystemExit):
         time_to_quality.main(["--variants_only", "--datasets", "emoji", "--emoji_dir", str(emoji)])
+
+
+def test_a_v_prediction_zero_terminal_snr_run_is_sampled_with_its_own_schedule(saved_tiny_pipe, tmp_path):
+    from ldm.pipelines.text_to_image import LatentPipeline
+    from ldm.training.config import TrainConfig, save_config
+
+    def scored_with(**run):
+        run_dir = tmp_path / "_".join(map(str, run.values()))
+        config = TrainConfig(
+            pretrained_model_name_or_path=str(saved_tiny_pipe), train_data_dir=str(tmp_path), **run
+        )
+        save_config(config, run_dir / "config.yaml")
+        return time_to_quality.with_run_schedule(LatentPipeline.from_pretrained(saved_tiny_pipe), run_dir)
+
+    base = LatentPipeline.from_pretrained(saved_tiny_pipe).scheduler.config
+    assert scored_with().scheduler.config == base  # an epsilon run: the base, as it is
+    pipe = scored_with(prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    schedule = pipe.scheduler.config
+    assert (schedule.prediction_type, schedule.rescale_betas_zero_snr, schedule.timestep_spacing) == (
+        "v_prediction", True, "trailing",
+    )  # fmt: skip
+    assert schedule.steps_offset == base.steps_offset and schedule.beta_end == base.beta_end
+    # Sampled with guidance rescaled as its validation grids are: 0.7 reaches the pipeline's call.
+    calls = []
+    pipe.pipe = lambda *args, **kwargs: calls.append(kwargs)
+    pipe("a red circle", guidance_scale=7.5)
+    assert calls == [{"guidance_scale": 7.5, "guidance_rescale": 0.7}]
+    assert scored_with(prediction_type="v_prediction").scheduler.config.prediction_type == "v_prediction"

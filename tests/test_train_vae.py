@@ -1,10 +1,10 @@
-"""train/train_vae.py launched for real through `accelerate launch`, on the `tiny` VAE and 16 px synthetic shapes."""
+"""train/train_vae.py launched for real (through `accelerate launch` once, else as `python train/train_vae.py`, forked
+by tests/fork_launcher.py), on the `tiny` VAE and 16 px synthetic shapes."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +15,7 @@ from diffusers import AutoencoderKL
 
 from ldm.shapes.synthetic import generate_dataset
 from ldm.training.vae import evaluate_vae, kl_loss, psnr_db
+from tests.training_helpers import launch_env, run_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).parent / "accelerate"
@@ -39,21 +40,22 @@ def base_args(data_dir: Path, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def launch(*args: str) -> subprocess.CompletedProcess:
-    """`accelerate launch --cpu ... train/train_vae.py ARGS`, asserted to succeed."""
+def launch(*args: str, launcher: bool = False, check: bool = True) -> subprocess.CompletedProcess:
+    """`python train/train_vae.py ARGS`, or with `launcher` `accelerate launch --cpu ... train/train_vae.py ARGS`;
+    with `check`, asserted to succeed."""
     cmd = [
         str(ACCELERATE), "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *args,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    ] if launcher else [sys.executable, str(SCRIPT), *args]  # fmt: skip
+    result = run_launch(cmd, timeout=300, env=launch_env(), cwd=ROOT)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
 
 def test_trains_saves_scaling_factor_and_reuses(data_dir, tmp_path):
     out = tmp_path / "vae"
-    result = launch(*base_args(data_dir, out))
+    result = launch(*base_args(data_dir, out), launcher=True)
     metrics = json.loads((out / "vae_metrics.json").read_text())
     assert "PSNR" in result.stdout and f"{metrics['psnr_db']:.2f} dB" in result.stdout
     assert 0 < metrics["psnr_db"] < 100
@@ -84,13 +86,7 @@ def test_an_epoch_of_unreadable_images_stops_the_run_before_it_trains_on_nothing
         (broken / "train" / json.loads(row)["file_name"]).write_bytes(b"not a png")
     args = base_args(broken, tmp_path / "vae")
     args[args.index("--max_train_steps") + 1] = "400"  # 4 steps make an epoch here
-    cmd = [
-        str(ACCELERATE), "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *args,
-    ]  # fmt: skip
-    result = subprocess.run(
-        cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300
-    )
+    result = launch(*args, check=False)
     assert result.returncode != 0
     assert "No image of epoch 0 could be read (32 samples skipped" in result.stderr
     assert not (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").exists()
@@ -144,7 +140,7 @@ def test_bad_flags_fail_with_a_clear_message(data_dir, tmp_path, change, message
 
 def test_too_few_images_for_the_heldout_set_fails_before_training(data_dir, tmp_path):
     argv = [*base_args(data_dir, tmp_path / "vae"), "--num_heldout", "40"]
-    result = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, timeout=300)
+    result = launch(*argv, check=False)
     assert result.returncode != 0
     assert "The dataset has 40 images; --num_heldout 40 leaves none to train on" in result.stderr
 
