@@ -258,6 +258,12 @@ class RescaledGuidance:
     def __getattr__(self, name: str):
         return getattr(self.pipe, name)
 
+    def __setattr__(self, name: str, value) -> None:  # `pipe.unet = ...` swaps the pipeline's UNet
+        if name == "pipe":
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.pipe, name, value)
+
 
 def with_run_schedule(pipe, run_dir: Path):
     """The base pipeline to sample a run's checkpoints with: as it is, or, for a run that trained another prediction

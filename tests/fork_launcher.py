@@ -109,6 +109,7 @@ class ForkLauncher:
             env=env, cwd=ROOT, text=True, bufsize=1,
         )  # fmt: skip
         self.ready = False
+        self.pending = b""  # read from the server, not yet a whole reply
         atexit.register(self.close)
 
     def alive(self) -> bool:
@@ -125,11 +126,18 @@ class ForkLauncher:
 
     def reply(self, timeout: float | None = None) -> dict | None:
         """The server's next reply, or None past `timeout` seconds."""
-        if timeout is not None and not select.select([self.server.stdout], [], [], timeout)[0]:
-            return None
-        line = self.server.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the launch server exited (code {self.server.poll()})")
+        # Read with os.read into a buffer of our own: a buffered readline could take in the next reply too, which
+        # select() would then never see arrive.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self.pending:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self.server.stdout], [], [], wait)[0]:
+                return None
+            chunk = os.read(self.server.stdout.fileno(), 65536)
+            if not chunk:
+                raise RuntimeError(f"the launch server exited (code {self.server.poll()})")
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
         return json.loads(line)
 
     def run(

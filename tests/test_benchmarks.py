@@ -163,6 +163,8 @@ def test_the_benchmark_scores_every_checkpoint_prints_the_table_and_plots(
 
 
 def test_a_v_prediction_zero_terminal_snr_run_is_sampled_with_its_own_schedule(saved_tiny_pipe, tmp_path):
+    from diffusers import UNet2DConditionModel
+
     from ldm.pipelines.text_to_image import LatentPipeline
     from ldm.training.config import TrainConfig, save_config
 
@@ -182,6 +184,10 @@ def test_a_v_prediction_zero_terminal_snr_run_is_sampled_with_its_own_schedule(s
         "v_prediction", True, "trailing",
     )  # fmt: skip
     assert schedule.steps_offset == base.steps_offset and schedule.beta_end == base.beta_end
+    # A checkpoint's UNet swapped in reaches the pipeline that samples.
+    inner, unet = pipe.pipe, UNet2DConditionModel(**pipe.unet.config)
+    pipe.unet = unet
+    assert inner.unet is unet and pipe.unet is unet
     # Sampled with guidance rescaled as its validation grids are: 0.7 reaches the pipeline's call.
     calls = []
     pipe.pipe = lambda *args, **kwargs: calls.append(kwargs)
