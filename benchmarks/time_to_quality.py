@@ -8,7 +8,8 @@ image set, each recipe run in turn on the same machine.
 
 Every recipe trains from one saved base per dataset: the dataset's VAE and text stack (`make demo`'s
 `outputs/demo/base`; `outputs/emoji/base` as README's real-image-set section builds it) plus one randomly
-initialised `small` UNet (seed 0), so all recipes start from the same weights. A recipe is one training launch,
+initialised `small` UNet (seed 0), so all recipes start from the same weights (a variant that names
+`--unet_preset` builds its own, seeded by its `--seed`). A recipe is one training launch,
 stopped when `--budget_s` wall seconds have passed since it started (start-up, model loading and the latent cache
 count: a user waits for them too). The benchmark watches the output folder and notes the wall second at which each
 `checkpoint-N` appeared (one every `--eval_every` steps); after the launch ends it samples each checkpoint's UNet

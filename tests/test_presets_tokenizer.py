@@ -31,12 +31,37 @@ def test_sd15_preset_has_stable_diffusion_15_shapes():
     assert vae.config.scaling_factor == pytest.approx(0.18215)
 
 
+def test_small_narrow_is_the_small_unet_at_half_width():
+    small, narrow = get_preset("small"), get_preset("small-narrow")
+    assert narrow["vae"] == small["vae"] and narrow["text_encoder"] == small["text_encoder"]
+    with torch.device("meta"):
+        unets = [
+            UNet2DConditionModel(**unet_config(name, cross_attention_dim=128))
+            for name in ("small", "small-narrow")
+        ]
+    widths = [unet.config.block_out_channels for unet in unets]
+    assert [2 * width for width in widths[1]] == list(widths[0])
+    assert [n_params(unet) for unet in unets] == [3_984_068, 1_034_596]
+    # Attention heads of 4 channels in both (diffusers reads attention_head_dim as the number of heads).
+    heads = [
+        [
+            (block.heads, block.inner_dim // block.heads)
+            for block in unet.modules()
+            if type(block).__name__ == "Attention"
+        ]
+        for unet in unets
+    ]
+    assert [set(shapes) for shapes in heads] == [{(32, 4)}, {(16, 4)}]
+
+
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"\['sd15', 'small', 'small-x4', 'tiny', 'tiny-sd', 'tiny-x4'\]"):
+    with pytest.raises(
+        ValueError, match=r"\['sd15', 'small', 'small-narrow', 'small-x4', 'tiny', 'tiny-sd', 'tiny-x4'\]"
+    ):
         get_preset("huge")
 
 
-@pytest.mark.parametrize("name", ["tiny", "small"])
+@pytest.mark.parametrize("name", ["tiny", "small", "small-narrow"])
 def test_build_pipeline_from_preset(tokenizer_dir, name):
     pipe = build_pipeline(name, tokenizer_dir, seed=0)
     again = build_pipeline(name, tokenizer_dir, seed=0)
