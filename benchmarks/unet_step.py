@@ -1,17 +1,22 @@
 """The floor of a training step: UNet forward + backward + AdamW on random latents, and its FLOPs.
 
-    python benchmarks/unet_step.py [--preset sd15] [--batch_size 8] [--resolution 512]   # prints the GPU table on CUDA
+    python benchmarks/unet_step.py [--batch_size 8] [--resolution 512]   # prints the GPU table on CUDA
+    python benchmarks/unet_step.py --presets small small-narrow [--batch_size 32] [--rounds 3]   # CPU, preset against preset
 
 `time_unet_step` is the bare step `train_throughput.py` compares the training scripts with. `gpu_report` times the
 `sd15` UNet at 512 px (64x64x4 latents, 77 x 768 text) in fp32 and bf16 autocast, with PyTorch SDPA and xformers
 attention, torch.compile off and on, and converts each to TFLOP/s (FLOPs of one step counted by
-`torch.utils.flop_counter.FlopCounterMode`) and MFU against the GPU's dense bf16 peak.
+`torch.utils.flop_counter.FlopCounterMode`) and MFU against the GPU's dense bf16 peak. `preset_report` times the
+bare step of each named preset's UNet on the CPU (its own latent size, the demo's 16 text tokens of 128 channels), the
+presets in turn over several rounds so that a drifting machine slows all of them alike, and prints each one's
+samples/s and FLOPs against the first's.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import time
 from pathlib import Path
 
@@ -153,6 +158,38 @@ def gpu_report(batch_size: int = 8, resolution: int = 512, peak: float | None = 
                 torch.cuda.empty_cache()
 
 
+def preset_report(
+    names: list[str], batch_size: int = 32, rounds: int = 3, warmup: int = 3, steps: int = 10
+) -> dict[str, list[float]]:
+    """Samples/s of each preset's bare fp32 step on the CPU, one timing per preset per round; prints the median of
+    the rounds, GFLOP per step and both as ratios to the first preset. Returns the timings by preset."""
+    device = torch.device("cpu")
+    timed, flops = {}, {}
+    for name in names:
+        unet = load_unet(name, None, cross_attention_dim=128).train()
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+        inputs = step_inputs(unet, batch_size, unet.config.sample_size, text_tokens=16, device=device)
+        timed[name] = make_step(unet, optimizer, inputs, None)
+        flops[name] = step_flops(timed[name])
+    rates = {name: [] for name in names}
+    for _ in range(rounds):
+        for name, step in timed.items():
+            rates[name].append(batch_size / seconds_per_step(step, device, warmup, steps))
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    first = names[0]
+    print(
+        f"bare UNet step on the CPU, batch {batch_size}, median of {rounds} rounds ({torch.get_num_threads()} threads)"
+    )
+    print(f"  {'preset':<14}{'samples/s':>10}{'range':>16}{'GFLOP/step':>12}{'speed':>8}{'FLOPs':>8}")
+    for name in names:
+        low, high = min(rates[name]), max(rates[name])
+        print(
+            f"  {name:<14}{medians[name]:>10.1f}{f'{low:.1f}-{high:.1f}':>16}{flops[name] / 1e9:>12.2f}"
+            f"{medians[name] / medians[first]:>7.2f}x{flops[name] / flops[first]:>7.2f}x"
+        )
+    return rates
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -160,8 +197,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--peak_tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU")
+    parser.add_argument(
+        "--presets", nargs="+", default=None, help="time these presets' UNets on the CPU instead"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of --presets, each preset once per round"
+    )
     args = parser.parse_args(argv)
-    gpu_report(args.batch_size, args.resolution, args.peak_tflops)
+    if args.presets:
+        preset_report(args.presets, args.batch_size, args.rounds)
+    else:
+        gpu_report(args.batch_size, args.resolution, args.peak_tflops)
 
 
 if __name__ == "__main__":

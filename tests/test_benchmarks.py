@@ -53,6 +53,15 @@ def test_bare_step_runs_and_its_flops_scale_with_the_batch(flush_denormals):
     assert unet_step.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4 and unet_step.peak_tflops("Quadro") is None
 
 
+def test_preset_report_times_each_preset_every_round(flush_denormals, capsys):
+    rates = unet_step.preset_report(["tiny", "tiny-sd"], batch_size=2, rounds=2, warmup=1, steps=1)
+    assert list(rates) == ["tiny", "tiny-sd"] and all(len(r) == 2 and min(r) > 0 for r in rates.values())
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [row[0] for row in rows] == ["tiny", "tiny-sd"]
+    assert rows[0][-2:] == ["1.00x", "1.00x"]  # the first preset is the reference
+    assert rows[1][-1] != "1.00x"  # the two UNets differ in FLOPs
+
+
 def test_torchvision_stand_ins_do_what_train_text_to_image_asks():
     image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8))
     interpolation = transforms.InterpolationMode.BILINEAR
