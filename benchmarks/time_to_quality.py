@@ -8,8 +8,8 @@ image set, each recipe run in turn on the same machine.
 
 Every recipe trains from one saved base per dataset: the dataset's VAE and text stack (`make demo`'s
 `outputs/demo/base`; `outputs/emoji/base` as README's real-image-set section builds it) plus one randomly
-initialised `small` UNet (seed 0), so all recipes start from the same weights (a variant that names
-`--unet_preset` builds its own, seeded by its `--seed`). A recipe is one training launch,
+initialised `small` UNet (seed 0), so all recipes start from the same weights (a recipe whose config or flags
+name another `--unet_preset`, as the demo's config now does, builds its own, seeded by its `--seed`). A recipe is one training launch,
 stopped when `--budget_s` wall seconds have passed since it started (start-up, model loading and the latent cache
 count: a user waits for them too). The benchmark watches the output folder and notes the wall second at which each
 `checkpoint-N` appeared (one every `--eval_every` steps); after the launch ends it samples each checkpoint's UNet
@@ -23,8 +23,8 @@ its own pipeline would save, and with guidance rescaled by 0.7 as its validation
   as it was at `--baseline_commit` (a git worktree of that commit, its own code and config); the table gives the
   wall time at which each recipe first reached 95 %.
 - emoji (`python -m ldm.emoji.data`'s Twemoji set): top-1 / top-10 retrieval of one sample per caption
-  (`ldm.emoji.retrieval`, beside the VAE's ceiling), for `train_ldm.py` with the demo's config and the issue's
-  2,000 steps, and for diffusers' `train_text_to_image.py` with the same base, data, steps, batch, learning rate,
+  (`ldm.emoji.retrieval`, beside the VAE's ceiling), for `train_ldm.py` with the issue's recipe (the demo's config
+  with the base's `small` UNet, 2,000 steps of batch 64, lr 1e-3, no min-SNR), and for diffusers' `train_text_to_image.py` with the same base, data, steps, batch, learning rate,
   schedule, warm-up and EMA (it runs through `benchmarks/run_with_torchvision_stub.py`); the table gives each
   recipe's score at the budget.
 
@@ -50,14 +50,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from train_throughput import STUB_RUNNER, launcher, make_base  # noqa: E402
+from train_throughput import BASE_PRESET, STUB_RUNNER, launcher, make_base  # noqa: E402
 
 from ldm.training.checkpoint import CHECKPOINT_RE  # noqa: E402
 
 TARGET_ADHERENCE = 0.95
 HEAD = "train_ldm.py (HEAD)"
+# The real image set's recipe is the issue's (the demo's before the shapes search: the base's `small` UNet, batch 64,
+# lr 1e-3, no min-SNR), the one diffusers' script is measured against with the same settings.
+EMOJI_RECIPE = "--unet_preset none --train_batch_size 64 --learning_rate 1e-3 --snr_gamma none".split()
 DIFFUSERS = "diffusers train_text_to_image.py"
 
 
@@ -160,6 +165,7 @@ def ldm_recipe(name: str, config: Path, flags: list[str], checkout: Path = ROOT)
             str(script),
             "--config",
             str(config),
+            *base_unet_flags(config),
             *flags,
             "--output_dir",
             str(out),
@@ -172,11 +178,18 @@ def ldm_recipe(name: str, config: Path, flags: list[str], checkout: Path = ROOT)
     )
 
 
+def base_unet_flags(config: Path) -> list[str]:
+    """`--unet_preset none` (train the base's random UNet) for a config that builds the base's preset; none for
+    another preset, which then builds its own random UNet, seeded by the run's seed."""
+    preset = yaml.safe_load(config.read_text()).get("unet_preset")
+    return ["--unet_preset", "none"] if preset == BASE_PRESET else []
+
+
 def common_flags(dataset: Dataset, eval_every: int, max_train_steps: int | None) -> list[str]:
-    """What every train_ldm.py recipe of a dataset shares: the base (its random UNet), data, checkpoint cadence."""
-    steps = [] if max_train_steps is None else ["--max_train_steps", str(max_train_steps)]
+    """What every train_ldm.py recipe of a dataset shares: the base, data, checkpoint cadence; on emoji the recipe."""
+    steps = [] if max_train_steps is None else [*EMOJI_RECIPE, "--max_train_steps", str(max_train_steps)]
     return [
-        "--pretrained_model_name_or_path", str(dataset.base), "--unet_preset", "none",
+        "--pretrained_model_name_or_path", str(dataset.base),
         "--train_data_dir", str(dataset.data_dir), "--checkpointing_steps", str(eval_every),
         "--checkpoints_total_limit", "none", "--validation_prompts", "none", "--report_to", "none", *steps,
     ]  # fmt: skip
@@ -269,7 +282,6 @@ class RescaledGuidance:
 def with_run_schedule(pipe, run_dir: Path):
     """The base pipeline to sample a run's checkpoints with: as it is, or, for a run that trained another prediction
     type or zero terminal SNR (its saved config.yaml says), with the DDIM schedule that run's own pipeline saves."""
-    import yaml
     from diffusers import DDIMScheduler, DDPMScheduler
 
     from ldm.training.config import load_config

@@ -75,6 +75,9 @@ def samples_per_second(run, steps: tuple[int, int], batch_size: int) -> float:
     return batch_size * (steps[1] - steps[0]) / (long - short)
 
 
+BASE_PRESET = "small"  # the random UNet of every base make_base saves
+
+
 def make_base(demo_dir: Path, out: Path) -> Path:
     """The demo's base parts plus a random `small` UNet, saved as one pipeline folder both scripts load."""
     from diffusers import AutoencoderKL, DDIMScheduler
@@ -90,7 +93,7 @@ def make_base(demo_dir: Path, out: Path) -> Path:
         vae=AutoencoderKL.from_pretrained(base / "vae"),
         text_encoder=text_encoder,
         tokenizer=CLIPTokenizer.from_pretrained(base / "tokenizer"),
-        unet=build_unet("small", cross_attention_dim=text_encoder.config.hidden_size),
+        unet=build_unet(BASE_PRESET, cross_attention_dim=text_encoder.config.hidden_size),
         scheduler=DDIMScheduler.from_pretrained(base / "scheduler"),
     )
     pipe.save_pretrained(out)
@@ -107,8 +110,8 @@ def ldm_run(base: Path, data: Path, out: Path, cache_dir: Path, cached: bool, ba
                 *launcher(), str(ROOT / "train" / "train_ldm.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
                 "--pretrained_model_name_or_path", str(base), "--unet_preset", "none", "--train_data_dir", str(data),
                 "--output_dir", str(out), "--max_train_steps", str(steps), "--train_batch_size", str(batch_size),
-                "--use_ema", "false", "--learning_rate", "1e-4", "--lr_scheduler", "constant", "--lr_warmup_steps",
-                "0", "--checkpointing_steps", "1000000", "--validation_prompts", "none", "--report_to", "none",
+                "--use_ema", "false", "--snr_gamma", "none", "--learning_rate", "1e-4", "--lr_scheduler", "constant",
+                "--lr_warmup_steps", "0", "--checkpointing_steps", "1000000", "--validation_prompts", "none", "--report_to", "none",
                 "--cache_latents", str(cached).lower(), "--cache_dir", str(cache_dir), *extra,
             ]
         )  # fmt: skip

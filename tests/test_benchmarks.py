@@ -171,6 +171,27 @@ def test_the_benchmark_scores_every_checkpoint_prints_the_table_and_plots(
         time_to_quality.main(["--variants_only", "--datasets", "emoji", "--emoji_dir", str(emoji)])
 
 
+def test_a_recipe_trains_the_bases_random_unet_unless_its_config_names_another_preset(tmp_path):
+    """The demo's config builds its own preset (small-narrow); b14f73c's named `small`, the base's random UNet."""
+    base = tmp_path / "base"
+    old = tmp_path / "old.yaml"
+    old.write_text("unet_preset: small\ntrain_batch_size: 64\n")
+    old_argv = time_to_quality.ldm_recipe("old", old, ["--seed", "0"]).command(tmp_path / "old")
+    assert old_argv[old_argv.index("--unet_preset") + 1] == "none"
+    assert old_argv.index("--seed") > old_argv.index(
+        "--unet_preset"
+    )  # the recipe's own flags come after: they win
+    demo = ROOT / "configs" / "demo.yaml"
+    assert "--unet_preset" not in time_to_quality.ldm_recipe("demo", demo, []).command(tmp_path / "demo")
+    flags = time_to_quality.common_flags(
+        time_to_quality.Dataset("emoji", tmp_path, base, None, "top10"), 100, 2000
+    )
+    emoji_argv = time_to_quality.ldm_recipe("emoji", demo, flags).command(tmp_path / "emoji")
+    assert emoji_argv[emoji_argv.index("--unet_preset") + 1] == "none"  # the issue's recipe on the real set
+    assert emoji_argv[emoji_argv.index("--train_batch_size") + 1] == "64"
+    assert emoji_argv[emoji_argv.index("--snr_gamma") + 1] == "none"
+
+
 def test_a_v_prediction_zero_terminal_snr_run_is_sampled_with_its_own_schedule(saved_tiny_pipe, tmp_path):
     from diffusers import UNet2DConditionModel
 
