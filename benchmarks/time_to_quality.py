@@ -8,15 +8,15 @@ image set, each recipe run in turn on the same machine.
 
 Every recipe trains from one saved base per dataset: the dataset's VAE and text stack (`make demo`'s
 `outputs/demo/base`; `outputs/emoji/base` as README's real-image-set section builds it) plus one randomly
-initialised `small` UNet (seed 0), so all recipes start from the same weights (a recipe whose config or flags
-name another `--unet_preset`, as the demo's config now does, builds its own, seeded by its `--seed`). A recipe is one training launch,
-stopped when `--budget_s` wall seconds have passed since it started (start-up, model loading and the latent cache
-count: a user waits for them too). The benchmark watches the output folder and notes the wall second at which each
-`checkpoint-N` appeared (one every `--eval_every` steps); after the launch ends it samples each checkpoint's UNet
-(the EMA weights when EMA is on) with the base's VAE, text stack and DDIM scheduler, so recipes differ only in the
-weights they trained, and evaluation never shares the CPU with training. A recipe that trains another prediction
-type or zero terminal SNR (`--prediction_type v_prediction --rescale_betas_zero_snr`) is sampled with the schedule
-its own pipeline would save, and with guidance rescaled by 0.7 as its validation grids are.
+initialised `small` UNet (seed 0), so all recipes start from the same weights (a recipe whose config or flags name
+another `--unet_preset`, as the demo's config now does, builds its own, seeded by its `--seed`). A recipe is one
+training launch, stopped when `--budget_s` wall seconds have passed since it started (start-up, model loading and
+the latent cache count: a user waits for them too). The benchmark watches the output folder and notes the wall
+second at which each `checkpoint-N` appeared (one every `--eval_every` steps); after the launch ends it samples each
+checkpoint's UNet (the EMA weights when EMA is on) with the base's VAE, text stack and DDIM scheduler, so recipes
+differ only in the weights they trained, and evaluation never shares the CPU with training. A recipe that trains
+another prediction type or zero terminal SNR (`--prediction_type v_prediction --rescale_betas_zero_snr`) is sampled
+with the schedule its own pipeline would save, and with guidance rescaled by 0.7 as its validation grids are.
 
 - shapes (`make demo`'s data): all-attribute adherence of the 30 held-out prompts x seeds 0, 1 at guidance 7.5 and
   25 DDIM steps (`ldm.shapes.adherence`), for `train_ldm.py --config configs/demo.yaml` as it is now ("HEAD") and
@@ -24,9 +24,9 @@ its own pipeline would save, and with guidance rescaled by 0.7 as its validation
   wall time at which each recipe first reached 95 %.
 - emoji (`python -m ldm.emoji.data`'s Twemoji set): top-1 / top-10 retrieval of one sample per caption
   (`ldm.emoji.retrieval`, beside the VAE's ceiling), for `train_ldm.py` with the issue's recipe (the demo's config
-  with the base's `small` UNet, 2,000 steps of batch 64, lr 1e-3, no min-SNR), and for diffusers' `train_text_to_image.py` with the same base, data, steps, batch, learning rate,
-  schedule, warm-up and EMA (it runs through `benchmarks/run_with_torchvision_stub.py`); the table gives each
-  recipe's score at the budget.
+  with the base's `small` UNet, 2,000 steps of batch 64, lr 1e-3, no min-SNR), and for diffusers'
+  `train_text_to_image.py` with the same base, data, steps, batch, learning rate, schedule, warm-up and EMA (it runs
+  through `benchmarks/run_with_torchvision_stub.py`); the table gives each recipe's score at the budget.
 
 `--variant NAME="FLAGS"` adds a `train_ldm.py` recipe with extra flags on every dataset run (one lever at a time:
 `--variant lr2e-3="--learning_rate 2e-3"`); `--variants_only` leaves out the demo config as it is now, so that
