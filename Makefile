@@ -160,8 +160,9 @@ lora-demo: lora-demo-base
 # ---------------------------------------------------------------------------------------------------------------
 # Few-step sampling (README, "Few-step sampling"): the demo's model distilled into a latent consistency model (a
 # student with a guidance embedding) and into an LCM-LoRA (rank 8 on the frozen model), both on the teacher's own
-# data and latent cache; then every held-out composition x 2 seeds at 1, 2, 4 and 8 steps of each, of guided DDIM,
-# and of the demo's 25-step DDIM, with wall time per image, and a grid of them side by side.
+# data and latent cache, and its VAE into a tiny autoencoder (AutoencoderTiny); then every held-out composition x 2
+# seeds at 1, 2, 4 and 8 steps of each, of guided DDIM, and of the demo's 25-step DDIM, with wall time per image,
+# with the VAE and again with the tiny autoencoder, and a grid of them side by side.
 fewstep-demo: demo
 	$(LAUNCH) train/train_lcm.py --config configs/lcm_demo.yaml --resume_from_checkpoint latest \
 		--pretrained_teacher_model $(DEMO)/ldm --train_data_dir $(DEMO)/data --output_dir $(DEMO)/lcm \
@@ -169,8 +170,11 @@ fewstep-demo: demo
 	$(LAUNCH) train/train_lcm.py --config configs/lcm_demo.yaml --resume_from_checkpoint latest \
 		--pretrained_teacher_model $(DEMO)/ldm --train_data_dir $(DEMO)/data --output_dir $(DEMO)/lcm-lora \
 		--cache_dir $(DEMO)/cache $(LCM_LORA)
+	$(LAUNCH) train/train_tiny_vae.py --config configs/tiny_vae_demo.yaml --resume_from_checkpoint latest \
+		--pretrained_model_name_or_path $(DEMO)/ldm --train_data_dir $(DEMO)/data --output_dir $(DEMO)/tiny-vae
 	$(BIN)/python train/evaluate_fewstep.py --teacher $(DEMO)/ldm --lcm $(DEMO)/lcm --lcm_lora $(DEMO)/lcm-lora \
-		--prompts $(DEMO)/data/heldout_prompts.jsonl --seeds 0 1 --out_dir $(DEMO)/eval-fewstep
+		--tiny_vae $(DEMO)/tiny-vae --prompts $(DEMO)/data/heldout_prompts.jsonl --seeds 0 1 \
+		--out_dir $(DEMO)/eval-fewstep
 
 # ---------------------------------------------------------------------------------------------------------------
 # A x4 upscaler for the demo (README, "Super-resolution"): the shapes world at 256 px (the demo's held-out

@@ -78,13 +78,14 @@ def check_components_fit(
     if unet is not None and vae is not None:
         size = unet.config.sample_size
         image_side = (size if isinstance(size, int) else size[0]) * vae_scale_factor(vae.config)
-        if vae.config.sample_size != image_side:
+        vae_side = vae.config.get("sample_size")  # AutoencoderTiny's config has none
+        if vae_side is not None and vae_side != image_side:
             # Not an error: both models are convolutional. But the default image size follows the UNet.
             logger.warning(
                 "In %s the UNet's sample_size gives %d px images by default, but the VAE was configured for %s px.",
                 source,
                 image_side,
-                vae.config.sample_size,
+                vae_side,
             )
         channels, latent = unet.config.in_channels, vae.config.latent_channels
         if channels - latent not in conditioning_channels:

@@ -114,6 +114,20 @@ def test_wrong_type_in_yaml(tmp_path):
         load_config(["--config", path])
 
 
+def test_list_fields_check_each_item_against_the_lists_type(tmp_path):
+    from ldm.training.tiny_vae import TinyVaeTrainConfig
+
+    base = {"pretrained_model_name_or_path": "m", "dataset_name": "d"}
+    path = write_yaml(tmp_path, {**base, "num_decoder_blocks": [1, 1, 1, 0]})
+    assert load_config(["--config", path], TinyVaeTrainConfig).num_decoder_blocks == [1, 1, 1, 0]
+    path = write_yaml(tmp_path, {**base, "num_decoder_blocks": [1, "one"]})
+    with pytest.raises(ValueError, match="'num_decoder_blocks' expects a non-empty list of int"):
+        load_config(["--config", path], TinyVaeTrainConfig)
+    path = write_yaml(tmp_path, {**base, "validation_prompts": ["a cat", 3]})
+    with pytest.raises(ValueError, match="'validation_prompts' expects a non-empty list of str or none"):
+        load_config(["--config", path])
+
+
 def test_scalar_flag_rejects_several_values_and_bare_non_bool():
     with pytest.raises(ValueError, match="Unexpected value '512'.*exactly one value.*--validation_prompts"):
         load_config([*REQUIRED, "--resolution", "256", "512"])

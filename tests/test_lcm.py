@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
+    AutoencoderTiny,
     DDPMScheduler,
     LatentConsistencyModelPipeline,
     LCMScheduler,
@@ -288,22 +289,35 @@ def test_evaluate_fewstep_times_and_scores_every_sampler_at_every_step_count(
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     lcm = with_guidance_embedding(build_pipeline("tiny", world / "tokenizer", seed=0))
     lcm.save_pretrained(tmp_path / "lcm")
+    levels = len(lcm.vae.config.block_out_channels)
+    AutoencoderTiny(
+        decoder_block_out_channels=(8,) * levels, num_decoder_blocks=(1,) * levels,
+        encoder_block_out_channels=(8,) * levels, num_encoder_blocks=(1,) * levels,
+    ).save_pretrained(tmp_path / "tiny-vae")  # fmt: skip
     rows = load_script("evaluate_fewstep").main(
         ["--teacher", str(world / "base"), "--lcm", str(tmp_path / "lcm"), "--lcm_lora", str(lora_dir),
-         "--prompts", str(world / "data" / "heldout_prompts.jsonl"), "--seeds", "0", "--out_dir", str(tmp_path / "eval")]
+         "--tiny_vae", str(tmp_path / "tiny-vae"), "--prompts", str(world / "data" / "heldout_prompts.jsonl"),
+         "--seeds", "0", "--out_dir", str(tmp_path / "eval")]
     )  # fmt: skip
-    assert [(r["sampler"], r["steps"]) for r in rows] == [("DDIM", 25)] + [
+    samplers = [("DDIM", 25)] + [
         (sampler, n) for sampler in ("DDIM", "LCM", "LCM-LoRA") for n in (1, 2, 4, 8)
     ]
+    # Every sampler with the VAE, then every one again with the tiny autoencoder.
+    assert [(r["sampler"], r["steps"], r["decoder"]) for r in rows] == [
+        (*row, decoder) for decoder in ("VAE", "tiny") for row in samplers
+    ]
     # Guided DDIM runs two UNet branches a step; the LCMs one (LCM-LoRA samples at guidance 1).
-    assert [r["unet_calls"] for r in rows[:5]] == [50, 2, 4, 8, 16]
-    assert [r["unet_calls"] for r in rows[5:]] == [1, 2, 4, 8] * 2
+    assert [r["unet_calls"] for r in rows[:13]] == [50, 2, 4, 8, 16] + [1, 2, 4, 8] * 2
+    assert [r["unet_calls"] for r in rows[13:]] == [r["unet_calls"] for r in rows[:13]]
     assert all(0 < r["denoise_seconds_per_image"] < r["seconds_per_image"] for r in rows)
     assert all(0 <= r["accuracy"]["all"] <= 1 for r in rows)
     report = json.loads((tmp_path / "eval" / "fewstep.json").read_text())
     assert report["omp_wait_policy"] == "PASSIVE"
-    table = (tmp_path / "eval" / "fewstep.txt").read_text()
-    assert table.count("\n") == len(rows) + 2 and "| LCM-LoRA | 4 | 1 | 4 |" in table
+    table = (tmp_path / "eval" / "fewstep.txt").read_text().splitlines()
+    assert len(table) == len(rows) + 2 and "| LCM-LoRA | 4 | 1 | 4 | VAE |" in table[13]
+    # Each decoder's speed-ups are over its own 25-step DDIM row.
+    assert table[2].split(" | ")[10] == "1.0x" and table[15].startswith("| DDIM | 25 |")
+    assert table[15].split(" | ")[4] == "tiny" and table[15].split(" | ")[10] == "1.0x"
     grid = Image.open(tmp_path / "eval" / "grid.png")
     assert grid.size == (4 * 16, len(rows) * 16)  # 4 held-out prompts a row, one row per setting
 

@@ -197,6 +197,7 @@ def test_shipped_configs_load():
     from ldm.training.config import TrainConfig, load_config
     from ldm.training.controlnet import ControlNetTrainConfig
     from ldm.training.lcm import LCMTrainConfig
+    from ldm.training.tiny_vae import TinyVaeTrainConfig
     from ldm.training.upscaler import UpscalerTrainConfig
 
     kinds = {
@@ -221,6 +222,7 @@ def test_shipped_configs_load():
             "controlnet": ControlNetTrainConfig,
             "lcm": LCMTrainConfig,
             "upscale": UpscalerTrainConfig,
+            "tiny": TinyVaeTrainConfig,
         }.get(path.name.split("_")[0], TrainConfig)
         config = load_config(["--config", str(path), *extra], trainer_config)
         assert type(config) is trainer_config

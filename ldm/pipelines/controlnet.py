@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderTiny,
     ControlNetModel,
     StableDiffusionControlNetPipeline,
     UNet2DConditionModel,
@@ -83,7 +84,7 @@ class LatentControlNetPipeline(LatentPipeline):
 
     def __init__(
         self,
-        vae: AutoencoderKL,
+        vae: AutoencoderKL | AutoencoderTiny,
         text_encoder: CLIPTextModel,
         tokenizer: CLIPTokenizer,
         unet: UNet2DConditionModel,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, StableDiffusionInpaintPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, StableDiffusionInpaintPipeline, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
 from diffusers.schedulers import KarrasDiffusionSchedulers
@@ -53,7 +53,7 @@ class LatentInpaintPipeline(LatentImg2ImgPipeline):
 
     def __init__(
         self,
-        vae: AutoencoderKL,
+        vae: AutoencoderKL | AutoencoderTiny,
         text_encoder: CLIPTextModel,
         tokenizer: CLIPTokenizer,
         unet: UNet2DConditionModel,

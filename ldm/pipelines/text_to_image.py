@@ -14,7 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderTiny,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
 from diffusers.loaders import IPAdapterMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
@@ -76,7 +82,8 @@ class LatentPipeline(
     Hub repository and saves folders that stock diffusers loads as a `StableDiffusionPipeline`.
 
     Args:
-        vae: Frozen autoencoder; its `scaling_factor` maps latents to unit variance.
+        vae: Frozen autoencoder; its `scaling_factor` maps latents to unit variance. An `AutoencoderTiny` distilled
+            from it (`train/train_tiny_vae.py`, TAESD for Stable Diffusion) decodes the same latents faster.
         text_encoder: Frozen CLIP text encoder whose last hidden state conditions the UNet.
         tokenizer: CLIP tokenizer with `model_max_length` set (77 for Stable Diffusion).
         unet: Noise predictor eps_theta(x_t, t, text).
@@ -93,7 +100,7 @@ class LatentPipeline(
 
     def __init__(
         self,
-        vae: AutoencoderKL,
+        vae: AutoencoderKL | AutoencoderTiny,
         text_encoder: CLIPTextModel,
         tokenizer: CLIPTokenizer,
         unet: UNet2DConditionModel,

@@ -477,8 +477,12 @@ def _check_type(key: str, value: Any, annotation: Any, source: str = "the config
         return value
     if origin is Literal and value in typing.get_args(base) and isinstance(value, str):
         return value
-    if origin is list and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        return value
+    if origin is list and isinstance(value, list) and value:
+        (item,) = typing.get_args(base)
+        try:
+            return [_check_type(key, v, item, source) for v in value]
+        except ValueError:
+            pass
     raise ValueError(_type_error(key, value, annotation, source))
 
 
@@ -488,7 +492,7 @@ def _describe(annotation: Any) -> str:
     if typing.get_origin(base) is Literal:
         name = "one of " + ", ".join(repr(choice) for choice in typing.get_args(base))
     elif typing.get_origin(base) is list:
-        name = "a non-empty list of str"
+        name = f"a non-empty list of {typing.get_args(base)[0].__name__}"
     elif base is bool:
         name = "bool (true/false/1/0)"
     else:
