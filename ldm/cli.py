@@ -3,7 +3,8 @@
 Text-to-image by default; `--image` turns it into img2img, `--image` with `--mask` into inpainting, and `--lora`
 loads a LoRA (diffusers or kohya format) first. `--controlnet` with `--control_image` adds a ControlNet to any of
 the three (`--canny` first turns the control image into its Canny edge map). `--upscaler` runs a x4 upscaler on
-what any of them draws, with the same prompts (a cascade).
+what any of them draws, with the same prompts (a cascade). `--tiny_vae` decodes with a tiny autoencoder distilled
+from the model's VAE.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from pathlib import Path
 
 import PIL.Image
 import torch
-from diffusers import ControlNetModel
+from diffusers import AutoencoderTiny, ControlNetModel
 
 from ldm.checks import check_count, check_guidance, check_image_size, check_mask_fits, check_strength
 from ldm.control import canny_edges, import_cv2
+from ldm.encoding import vae_scale_factor
 from ldm.images import image_grid
 from ldm.pipelines.controlnet import LatentControlNetPipeline
 from ldm.pipelines.controlnet_img2img import LatentControlNetImg2ImgPipeline
@@ -63,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--lora_scale", type=float, default=1.0, help="How strongly the LoRA applies (default 1)."
+    )
+    parser.add_argument(
+        "--tiny_vae",
+        default=None,
+        help="An AutoencoderTiny folder distilled from the model's VAE (train_tiny_vae.py): decode (and encode an "
+        "--image) with it, in a fraction of the VAE's time.",
     )
     parser.add_argument(
         "--controlnet",
@@ -220,7 +228,25 @@ def load_checked(parser: argparse.ArgumentParser, args: argparse.Namespace) -> L
             pipe.load_lora_weights(args.lora)
         except (OSError, ValueError, KeyError) as err:
             parser.error(f"--lora {args.lora}: {str(err).strip().splitlines()[0]}")
+    if args.tiny_vae is not None:
+        pipe.vae = load_tiny_vae(parser, args.tiny_vae, pipe)
     return pipe
+
+
+def load_tiny_vae(parser: argparse.ArgumentParser, path: str, pipe: LatentPipeline) -> AutoencoderTiny:
+    """The --tiny_vae folder, which must read the model's latents: the VAE's factor and latent channels."""
+    try:
+        tiny = AutoencoderTiny.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        parser.error(f"--tiny_vae {path}: {str(err).strip().splitlines()[0]}")
+    factor, channels = vae_scale_factor(tiny.config), tiny.config.latent_channels
+    if (factor, channels) != (pipe.vae_scale_factor, pipe.vae.config.latent_channels):
+        parser.error(
+            f"--tiny_vae {path}: it reads {channels}-channel latents {factor}x smaller than the image, the model's "
+            f"VAE {pipe.vae.config.latent_channels}-channel ones {pipe.vae_scale_factor}x smaller; distil one from "
+            f"this model's VAE with train/train_tiny_vae.py."
+        )
+    return tiny
 
 
 def image_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace, pipe: LatentPipeline):
