@@ -16,13 +16,11 @@ verified checkpoints without pickle, exact resume, latent cache, EMA, several pr
 from __future__ import annotations
 
 import faulthandler
-import os
 import signal
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedType
-from accelerate.utils import set_seed
 from diffusers import ControlNetModel, UNet2DConditionModel
 
 from ldm.checks import check_components_fit, check_local_or_hub
@@ -37,7 +35,6 @@ from ldm.training.controlnet import (
     controlnet_model_card,
     load_validation_controls,
 )
-from ldm.training.data import default_num_workers
 from ldm.training.distributed import finish, use_gloo_without_cuda, weight_dtype_for
 from ldm.training.encoders import CachedBatchEncoder, LiveBatchEncoder
 from ldm.training.loop import train_loop
@@ -54,6 +51,7 @@ from ldm.training.run import (
     make_optimizer,
     prepare_tracking,
     prepare_trained_model,
+    resolve_seed_and_workers,
     stopping_in_one_line,
 )
 from ldm.training.validation import validate, validation_sizes
@@ -115,10 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         raise SystemExit(f"{PROG}: {err}") from None
     # The data, noise and caption-dropout draws all derive from this seed; recording it makes the run resumable.
-    config.seed = seed = config.seed if config.seed is not None else 0
-    if config.dataloader_num_workers is None:  # recorded as resolved, like the seed
-        config.dataloader_num_workers = default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    set_seed(seed)
+    seed = resolve_seed_and_workers(config)
     # Data first (images, captions and control images), checked before any model loads.
     try:
         resume_path = claim_run(accelerator, config)

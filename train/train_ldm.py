@@ -14,12 +14,10 @@ function of the seed and the sample/step index, so a resumed run continues exact
 from __future__ import annotations
 
 import faulthandler
-import os
 import signal
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
@@ -30,7 +28,6 @@ from ldm.single_file import check_sources
 from ldm.training.bucketing import bucket_data, bucket_spec_for
 from ldm.training.checkpoint import PipelineExport, resume, save_checkpoint, save_final
 from ldm.training.config import TrainConfig, load_config
-from ldm.training.data import default_num_workers
 from ldm.training.distributed import finish, use_gloo_without_cuda, weight_dtype_for
 from ldm.training.encoders import CachedBatchEncoder, LiveBatchEncoder
 from ldm.training.loop import train_loop
@@ -48,6 +45,7 @@ from ldm.training.run import (
     make_optimizer,
     prepare_tracking,
     prepare_trained_model,
+    resolve_seed_and_workers,
     stopping_in_one_line,
 )
 from ldm.training.validation import validate, validation_sizes
@@ -104,10 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         raise SystemExit(f"train_ldm.py: {err}") from None
     # The data, noise and caption-dropout draws all derive from this seed; recording it makes the run resumable.
-    config.seed = seed = config.seed if config.seed is not None else 0
-    if config.dataloader_num_workers is None:  # recorded as resolved, like the seed
-        config.dataloader_num_workers = default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    set_seed(seed)
+    seed = resolve_seed_and_workers(config)
     # Data first, so that every caption and the data's contents are checked before any model loads.
     try:
         resume_path = claim_run(accelerator, config)

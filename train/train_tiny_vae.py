@@ -16,17 +16,15 @@ checks, run lock and fingerprint, verified checkpoints without pickle, exact res
 from __future__ import annotations
 
 import faulthandler
-import os
 import signal
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
 
 from ldm.training.checkpoint import push_output_folder, resume, save_checkpoint, write_run_files
 from ldm.training.config import load_config
-from ldm.training.data import TrainLoader, collate_fn, default_num_workers
+from ldm.training.data import TrainLoader, collate_fn
 from ldm.training.distributed import finish, use_gloo_without_cuda, weight_dtype_for
 from ldm.training.loop import train_loop
 from ldm.training.run import (
@@ -39,6 +37,7 @@ from ldm.training.run import (
     make_optimizer,
     prepare_tracking,
     prepare_trained_model,
+    resolve_seed_and_workers,
     stopping_in_one_line,
 )
 from ldm.training.tiny_vae import (
@@ -82,10 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         raise SystemExit(f"{PROG}: {err}") from None
     # The data order and every posterior sample derive from this seed; recording it makes the run resumable.
-    config.seed = seed = config.seed if config.seed is not None else 0
-    if config.dataloader_num_workers is None:  # recorded as resolved, like the seed
-        config.dataloader_num_workers = default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    set_seed(seed)
+    seed = resolve_seed_and_workers(config)
     try:
         resume_path = claim_run(accelerator, config)
         train_dataset, heldout_batch, _, fingerprint = load_data(accelerator, config, resume_path)

@@ -15,12 +15,10 @@ the seed and the step, so a resumed run continues exactly where it stopped.
 from __future__ import annotations
 
 import faulthandler
-import os
 import signal
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel
 
@@ -37,7 +35,6 @@ from ldm.training.checkpoint import (
     write_run_files,
 )
 from ldm.training.config import load_config
-from ldm.training.data import default_num_workers
 from ldm.training.distributed import finish, use_gloo_without_cuda, weight_dtype_for
 from ldm.training.encoders import CachedBatchEncoder, LiveBatchEncoder
 from ldm.training.loop import train_loop
@@ -53,6 +50,7 @@ from ldm.training.run import (
     make_optimizer,
     prepare_tracking,
     prepare_trained_model,
+    resolve_seed_and_workers,
     stopping_in_one_line,
 )
 from ldm.training.upscaler import (
@@ -132,10 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{PROG}: {err}") from None
     # The data, window, noise and caption-dropout draws all derive from this seed; recording it makes the run
     # resumable.
-    config.seed = seed = config.seed if config.seed is not None else 0
-    if config.dataloader_num_workers is None:  # recorded as resolved, like the seed
-        config.dataloader_num_workers = default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    set_seed(seed)
+    seed = resolve_seed_and_workers(config)
     # Data first (each image read twice: as the target, and as the source of its low-resolution input), checked
     # before any model loads.
     try:

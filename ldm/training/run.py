@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DistributedType
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
 from diffusers import AutoencoderKL, DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -33,7 +34,13 @@ from ldm.training.checkpoint import (
     resolve_resume_path,
 )
 from ldm.training.config import TrainConfig
-from ldm.training.data import TrainDataset, TrainLoader, build_train_and_heldout, collate_fn
+from ldm.training.data import (
+    TrainDataset,
+    TrainLoader,
+    build_train_and_heldout,
+    collate_fn,
+    default_num_workers,
+)
 from ldm.training.distributed import check_replicas_in_sync, full_model, setup_logging, total_over_processes
 from ldm.training.encoders import CachedBatchEncoder, LiveBatchEncoder
 from ldm.training.guards import check_same_run, claim_output_dir, lock_output_dir, run_fingerprint
@@ -80,6 +87,17 @@ def check_run_sources(config: TrainConfig) -> None:
     check_local_or_hub(config.pretrained_model_name_or_path, "pretrained_model_name_or_path")
     if config.pretrained_vae_model_name_or_path:
         check_local_or_hub(config.pretrained_vae_model_name_or_path, "pretrained_vae_model_name_or_path")
+
+
+def resolve_seed_and_workers(config: TrainConfig) -> int:
+    """Record the run's seed (0 when none was given) and its data-loader workers as resolved, then seed every RNG;
+    returns the seed. Every draw of a step derives from the seed and a stream's sample indices from the worker count,
+    so the config a checkpoint saves must hold both for a resumed run to repeat them."""
+    config.seed = seed = config.seed if config.seed is not None else 0
+    if config.dataloader_num_workers is None:
+        config.dataloader_num_workers = default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    set_seed(seed)
+    return seed
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
