@@ -7,8 +7,8 @@ teacher's guided DDIM, on the held-out prompts of the shapes dataset.
 Every row draws each held-out prompt once per seed from the same noise (`evaluate_adherence`) and reads the image
 back with the detector. Its time per image is the pipeline calls' alone (text encoding, denoising, VAE decoding,
 conversion to PIL: what a user waits for; not the detector's scoring), after one untimed call of the same setting,
-every row in this one process, so the times are ratios measured together. Run it alone: the times move with the machine's load and with OpenMP's wait policy
-(OMP_WAIT_POLICY, which the report records), the accuracies do not.
+every row in this one process, so the times are ratios measured together. Run it alone: the times move with the
+machine's load and with OpenMP's wait policy (OMP_WAIT_POLICY, which the report records), the accuracies do not.
 
     LCM (full)     LatentPipeline + LCMScheduler, guidance 7.5 through the UNet's guidance embedding; 1, 2, 4, 8 steps
     LCM-LoRA       the teacher + LCMScheduler + the adapter, guidance 1 (distilled in); 1, 2, 4, 8 steps
@@ -133,7 +133,7 @@ def load_models(args) -> tuple[dict[str, LatentPipeline], dict[str, torch.nn.Mod
         pipe.set_progress_bar_config(disable=True)
     decoders = {"VAE": pipes["teacher"].vae}
     if args.tiny_vae:
-        # Channels-last: oneDNN runs its narrow convolutions 2-3x faster so (README, "Few-step sampling").
+        # Channels-last: oneDNN runs its narrow convolutions 2-3x faster so (README, "A tiny autoencoder").
         tiny = AutoencoderTiny.from_pretrained(args.tiny_vae).eval()
         decoders["tiny"] = tiny.to(memory_format=torch.channels_last)
     return pipes, decoders
